@@ -1,0 +1,126 @@
+"""`xoogify`: the command line. Parses arguments and hands over to a service or a client
+command; each command lives in its own module."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from services.common.config import Settings, machine_arch
+
+
+def _labels(values: list[str] | None) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for item in values or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"xoogify: --label wants k=v, got {item!r}")
+        labels[key] = value
+    return labels
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xoogify", description="Xoogify Deployment Jobs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="the whole stack on this machine")
+    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--data-dir", default=".xoogify")
+    up.add_argument("--runners", default=machine_arch(), help="architectures, comma-separated")
+    up.add_argument("--demo", action="store_true", help="also submit a few example jobs")
+
+    gw = sub.add_parser("gateway", help="the HTTP/websocket gateway")
+    gw.add_argument("--host", default="127.0.0.1")
+    gw.add_argument("--port", type=int, default=8000)
+
+    sched = sub.add_parser("scheduler", help="the scheduler")
+    sched.add_argument("--metrics-port", type=int, default=None)
+
+    runner = sub.add_parser("runner", help="a runner")
+    runner.add_argument("--arch", default=machine_arch())
+    runner.add_argument("--kinds", default="terraform,script")
+    runner.add_argument("--label", action="append", metavar="K=V")
+    runner.add_argument("--runner-id", default=None)
+    runner.add_argument("--metrics-port", type=int, default=None)
+
+    sub.add_parser("migrate", help="apply the database migrations")
+
+    submit = sub.add_parser("submit", help="submit a job")
+    submit.add_argument("--org", required=True)
+    submit.add_argument("--env", required=True)
+    submit.add_argument("--module", required=True)
+    submit.add_argument("--type", required=True, dest="module_type")
+    submit.add_argument("--action", required=True)
+    submit.add_argument("--var", action="append", metavar="K=V", default=[])
+    submit.add_argument("--sensitive", action="append", metavar="K", default=[])
+    submit.add_argument("--timeout", type=int, default=None, dest="timeout_s")
+    submit.add_argument("--idempotency-key", default=None)
+    submit.add_argument("--follow", action="store_true")
+
+    cancel = sub.add_parser("cancel", help="cancel a job")
+    cancel.add_argument("build_id", type=int)
+
+    jobs = sub.add_parser("jobs", help="list jobs")
+    jobs.add_argument("--org", default=None)
+    jobs.add_argument("--env", default=None)
+    jobs.add_argument("--status", default=None)
+    jobs.add_argument("--action", default=None)
+    jobs.add_argument("--module", default=None)
+    jobs.add_argument("--limit", type=int, default=50)
+    jobs.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    logs = sub.add_parser("logs", help="print a job's log")
+    logs.add_argument("build_id", type=int)
+    logs.add_argument("--follow", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = Settings.from_env()
+    command = args.command
+    if command == "gateway":
+        from services.common import logging_setup
+        from services.gateway.app import serve
+
+        logging_setup.setup("gateway")
+        asyncio.run(serve(settings, args.host, args.port))
+        return 0
+    if command == "scheduler":
+        from services.common import logging_setup
+        from services.scheduler.service import run as run_scheduler
+
+        logging_setup.setup("scheduler")
+        asyncio.run(run_scheduler(settings, args.metrics_port))
+        return 0
+    if command == "runner":
+        from services.common import logging_setup
+        from services.runner.service import run as run_runner
+
+        logging_setup.setup("runner")
+        kinds = [k for k in args.kinds.split(",") if k]
+        asyncio.run(
+            run_runner(
+                settings, args.arch, kinds, _labels(args.label), args.metrics_port, args.runner_id
+            )
+        )
+        return 0
+    if command == "migrate":
+        from services.gateway.migrate import migrate
+
+        asyncio.run(migrate(settings.database_url))
+        return 0
+    if command == "up":
+        from services.cli.up import up
+
+        return up(args, settings)
+    from services.cli import client_commands
+
+    return client_commands.run(args, settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""NATS connections and the JetStream streams and KV buckets every service relies on.
+
+`ensure_streams` is idempotent and run by each service at start-up, so any of them may
+start first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import nats
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import (
+    DiscardPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, NotFoundError
+
+from services.common.config import Settings
+
+log = logging.getLogger(__name__)
+
+DAY = 24 * 3600
+
+
+async def connect(settings: Settings, name: str, **options: Any) -> Client:
+    """Connect for good: reconnect forever, so a NATS restart is a pause, not an outage."""
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats error", extra={"service": name, "error": repr(exc)})
+
+    async def on_disconnect() -> None:
+        log.warning("nats disconnected", extra={"service": name})
+
+    async def on_reconnect() -> None:
+        log.info("nats reconnected", extra={"service": name})
+
+    return await nats.connect(
+        settings.nats_url,
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        error_cb=on_error,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnect,
+        **options,
+    )
+
+
+def stream_configs(settings: Settings) -> list[StreamConfig]:
+    s = settings.subjects
+    return [
+        # The submission's stream sequence is its build_id; Idempotency-Key → Nats-Msg-Id,
+        # so a retried submission within 24 h is the same job.
+        StreamConfig(
+            name=s.submit_stream,
+            subjects=[s.submit],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=settings.events_max_age_s,
+            duplicate_window=DAY,
+        ),
+        StreamConfig(
+            name=s.events_stream,
+            subjects=[s.events_filter()],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=settings.events_max_age_s,
+            duplicate_window=600,
+        ),
+        StreamConfig(
+            name=s.logs_stream,
+            subjects=[s.logs_all],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=settings.logs_max_age_s,
+            max_msg_size=2 * 1024 * 1024,
+            duplicate_window=120,
+        ),
+        StreamConfig(
+            name=s.dispatch_stream,
+            subjects=[s.dispatch_all],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            duplicate_window=600,
+        ),
+        StreamConfig(
+            name=s.reports_stream,
+            subjects=[s.reports_all],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            duplicate_window=600,
+            discard=DiscardPolicy.OLD,
+        ),
+    ]
+
+
+async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
+    for config in stream_configs(settings):
+        try:
+            await js.add_stream(config)
+        except BadRequestError:
+            # Exists with other settings (retention changed by the operator): update it.
+            with contextlib.suppress(BadRequestError):
+                await js.update_stream(config)
+
+
+async def ensure_kv(js: JetStreamContext, bucket: str, ttl: float | None = None) -> Any:
+    try:
+        return await js.key_value(bucket)
+    except (NotFoundError, Exception):
+        config = KeyValueConfig(bucket=bucket, storage=StorageType.FILE, history=1)
+        if ttl:
+            config.ttl = ttl
+        try:
+            return await js.create_key_value(config)
+        except BadRequestError:
+            return await js.key_value(bucket)

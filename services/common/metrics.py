@@ -1,0 +1,46 @@
+"""Prometheus metrics shared by the services, and a tiny /metrics + /healthz server for the
+processes that have no HTTP server of their own (scheduler, runner)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+
+REJECTED = Counter(
+    "xoogify_rejected_messages_total",
+    "Messages refused at a service boundary (malformed, wrong schema, oversized)",
+    ["service", "subject"],
+)
+
+
+async def serve_metrics(
+    port: int, healthy: Callable[[], bool] = lambda: True, host: str = "127.0.0.1"
+) -> asyncio.Server:
+    """Answer GET /metrics (Prometheus text) and GET /healthz on `port`."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readline(), 5)
+            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
+                pass
+            path = request.split()[1].decode() if len(request.split()) > 1 else "/"
+            if path.startswith("/metrics"):
+                status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, generate_latest()
+            elif path.startswith("/healthz"):
+                ok = healthy()
+                status = "200 OK" if ok else "503 Service Unavailable"
+                ctype, body = "application/json", b'{"ok": true}' if ok else b'{"ok": false}'
+            else:
+                status, ctype, body = "404 Not Found", "application/json", b'{"error": "not found"}'
+            head = f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+            head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            writer.write(head.encode() + body)
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, host, port)

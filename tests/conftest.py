@@ -1,0 +1,101 @@
+"""Real servers for the tests: one Postgres per session (a fresh database per test) and a
+fresh JetStream `nats-server` per test, both started here on free ports.
+
+`XOOGIFY_TEST_DATABASE_URL` / `XOOGIFY_TEST_NATS_URL` point the tests at running servers
+instead; then each test gets its own database and its own subject prefix.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from services.common.config import EXAMPLE_MODULES_DIR, Settings
+from services.common.embedded import EmbeddedNats, EmbeddedPostgres, free_port
+from services.common.subjects import Subjects
+from tests.stack import Stack
+
+
+@pytest.fixture(scope="session")
+def servers_dir() -> Iterator[Path]:
+    # 0755 so that the unprivileged user Postgres runs as (when we are root) can reach it.
+    with tempfile.TemporaryDirectory(prefix="xoogify-test-") as tmp:
+        os.chmod(tmp, 0o755)
+        yield Path(tmp)
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url(servers_dir: Path) -> Iterator[str]:
+    external = os.environ.get("XOOGIFY_TEST_DATABASE_URL")
+    if external:
+        yield external
+        return
+    server = EmbeddedPostgres(servers_dir / "pg", log_file=servers_dir / "pg.log").start()
+    try:
+        yield server.admin_url()
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def database_url(postgres_admin_url: str) -> AsyncIterator[str]:
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(postgres_admin_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    base = postgres_admin_url.rsplit("/", 1)[0]
+    yield f"{base}/{name}"
+    conn = await asyncpg.connect(postgres_admin_url)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[EmbeddedNats | None]:
+    if os.environ.get("XOOGIFY_TEST_NATS_URL"):
+        yield None
+        return
+    store = tmp_path / "nats"
+    server = EmbeddedNats(store, log_file=tmp_path / "nats.log").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def settings(
+    nats_server: EmbeddedNats | None, database_url: str, tmp_path: Path
+) -> Settings:
+    nats_url = nats_server.url if nats_server else os.environ["XOOGIFY_TEST_NATS_URL"]
+    prefix = "xoogify" if nats_server else f"t{uuid.uuid4().hex[:10]}"
+    return Settings(
+        nats_url=nats_url,
+        database_url=database_url,
+        gateway_url=f"http://127.0.0.1:{free_port()}",
+        modules_dir=EXAMPLE_MODULES_DIR,
+        subjects=Subjects(prefix),
+        heartbeat_s=1.0,
+        cancel_grace_s=2.0,
+    )
+
+
+@pytest.fixture
+async def stack(settings: Settings, tmp_path: Path) -> AsyncIterator[Stack]:
+    """The services as real processes (gateway, scheduler, one amd64 runner unless a test
+    starts others), with helpers to kill and restart them."""
+    s = Stack(settings, tmp_path / "logs")
+    try:
+        yield s
+    finally:
+        await s.stop_all()
