@@ -1,0 +1,26 @@
+"""What every part of the gateway shares: settings, the Postgres pool, the NATS connection
+and the websocket hub. Built once in the app's lifespan, kept on `app.state.ctx`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
+from services.common.config import Settings
+
+if TYPE_CHECKING:
+    from services.gateway.hub import Hub
+
+
+@dataclass
+class GatewayContext:
+    settings: Settings
+    gateway_id: str
+    pool: asyncpg.Pool[Any]
+    nc: Client
+    js: JetStreamContext
+    hub: Hub | None = None
