@@ -74,9 +74,7 @@ def nats_server(tmp_path: Path) -> Iterator[EmbeddedNats | None]:
 
 
 @pytest.fixture
-def settings(
-    nats_server: EmbeddedNats | None, database_url: str, tmp_path: Path
-) -> Settings:
+def settings(nats_server: EmbeddedNats | None, database_url: str, tmp_path: Path) -> Settings:
     nats_url = nats_server.url if nats_server else os.environ["XOOGIFY_TEST_NATS_URL"]
     prefix = "xoogify" if nats_server else f"t{uuid.uuid4().hex[:10]}"
     return Settings(

@@ -15,8 +15,8 @@ from urllib.parse import urlparse
 
 import httpx
 
-from services.common.config import Settings
 from services.common.children import pdeathsig_preexec
+from services.common.config import Settings
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -66,7 +66,7 @@ class Stack:
 
     def spawn(self, name: str, args: list[str], **extra_env: str) -> subprocess.Popen[bytes]:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115
+        out = open(self.log_dir / f"{name}.log", "ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "services.cli.main", *args],
             env=self.env(**extra_env),

@@ -82,7 +82,7 @@ class EmbeddedNats:
         cmd += ["-p", str(self.port)]
         if self.config_file is not None:
             cmd += ["-c", str(self.config_file)]
-        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
+        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=pdeathsig_preexec
         )
@@ -103,7 +103,7 @@ def find_postgres_bin() -> Path:
         candidates.append(Path(initdb).resolve().parent)
     candidates += [Path(p) for p in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)]
     with contextlib.suppress(ImportError):
-        import pgserver  # type: ignore[import-not-found]
+        import pgserver
 
         candidates.append(Path(pgserver.__file__).parent / "pginstall" / "bin")
     for directory in candidates:
@@ -150,7 +150,8 @@ class EmbeddedPostgres:
         for path in (self.data_dir, sockets):
             path.mkdir(parents=True, exist_ok=True)
             self._chown(user, path)
-        run_as = {"user": user.pw_uid, "group": user.pw_gid} if user else {}
+        uid = user.pw_uid if user else None
+        gid = user.pw_gid if user else None
         if not (pgdata / "PG_VERSION").exists():
             result = subprocess.run(
                 [str(bindir / "initdb"), "-D", str(pgdata), "-U", "postgres", "--auth=trust"]
@@ -158,14 +159,15 @@ class EmbeddedPostgres:
                 check=False,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
-                **run_as,  # type: ignore[arg-type]
+                user=uid,
+                group=gid,
             )
             if result.returncode != 0:
                 hint = f" (as user {user.pw_name}: can it reach {self.data_dir}?)" if user else ""
                 raise RuntimeError(f"initdb failed{hint}: {result.stderr.decode().strip()}")
         if not self.port:
             self.port = free_port()
-        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
+        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             [str(bindir / "postgres"), "-D", str(pgdata), "-p", str(self.port)]
             + ["-k", str(sockets), "-c", "listen_addresses=127.0.0.1"]
@@ -173,7 +175,8 @@ class EmbeddedPostgres:
             stdout=out,
             stderr=subprocess.STDOUT,
             preexec_fn=pdeathsig_preexec,
-            **run_as,  # type: ignore[arg-type]
+            user=uid,
+            group=gid,
         )
         wait_for_port(self.port, timeout, self.proc)
         asyncio.run(self._create_database(timeout))

@@ -67,9 +67,7 @@ def _field_of(error: Any) -> str:
 
 
 def problems(name: str, value: Any) -> list[Problem]:
-    return [
-        Problem(_field_of(err), err.message) for err in validator(name).iter_errors(value)
-    ]
+    return [Problem(_field_of(err), err.message) for err in validator(name).iter_errors(value)]
 
 
 def check(name: str, value: Any) -> Any:

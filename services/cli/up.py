@@ -1,0 +1,230 @@
+"""`xoogify up`: the whole stack on this machine, supervised.
+
+Embedded NATS and Postgres (unless `XOOGIFY_NATS_URL` / `XOOGIFY_DATABASE_URL` are set),
+then the gateway, the scheduler and one runner per architecture as child processes. A child
+that dies is restarted; Ctrl-C (or SIGTERM) stops every child, then the servers, and leaves
+no process behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from services.common.children import pdeathsig_preexec
+from services.common.config import Settings
+from services.common.embedded import EmbeddedNats, EmbeddedPostgres
+
+STOP_DEADLINE_S = 20.0
+
+
+@dataclass
+class Child:
+    name: str
+    args: list[str]
+    env: dict[str, str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+
+    def start(self) -> None:
+        out = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services.cli.main", *self.args],
+            env=self.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=pdeathsig_preexec,
+        )
+        out.close()
+
+
+@dataclass
+class Supervisor:
+    children: list[Child] = field(default_factory=list)
+    stopping: bool = False
+
+    async def watch(self) -> None:
+        """Restart a child that died on its own (with a pause that grows), until stopping."""
+        while not self.stopping:
+            for child in self.children:
+                proc = child.proc
+                if proc is not None and proc.poll() is not None and not self.stopping:
+                    child.restarts += 1
+                    print(
+                        f"xoogify: {child.name} exited with {proc.returncode}; restarting "
+                        f"(see {child.log_path})",
+                        file=sys.stderr,
+                    )
+                    await asyncio.sleep(min(10.0, 0.5 * child.restarts))
+                    if not self.stopping:
+                        child.start()
+            await asyncio.sleep(0.5)
+
+    async def stop(self) -> None:
+        self.stopping = True
+        # Runners first (they drain their jobs), then the scheduler, then the gateway.
+        for child in reversed(self.children):
+            if child.proc is not None and child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STOP_DEADLINE_S
+        for child in reversed(self.children):
+            proc = child.proc
+            if proc is None:
+                continue
+            remaining = max(0.1, deadline - loop.time())
+            try:
+                await asyncio.to_thread(proc.wait, remaining)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                await asyncio.to_thread(proc.wait, 5)
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+async def _wait_ready(url: str, timeout: float, supervisor: Supervisor) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    async with httpx.AsyncClient() as client:
+        while loop.time() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if (await client.get(f"{url}/readyz", timeout=1.0)).status_code == 200:
+                    return
+            if supervisor.stopping:
+                return
+            await asyncio.sleep(0.1)
+    raise TimeoutError(f"the gateway was not ready within {timeout:.0f}s")
+
+
+async def _demo(url: str, token: str | None, arches: list[str]) -> None:
+    from services.client import XoogifyClient
+
+    async with XoogifyClient(url, token) as xo:
+        arch = arches[0]
+        for org, env, module, action in [
+            ("acme", "stg", "hello", "APPLY-AUTO"),
+            ("acme", "prod", "hello", "PLAN"),
+            ("globex", "aws-poc-test", "broken", "APPLY-AUTO"),
+            ("globex", "stg", "hello", "DESTROY"),
+        ]:
+            job = await xo.submit(
+                organization=org,
+                environment=env,
+                module_name=module,
+                module_type=f"{arch}/script",
+                action=action,
+            )
+            print(f"xoogify: demo job {job['build_id']} ({org}/{env} {module} {action})")
+
+
+async def _run(args: argparse.Namespace, settings: Settings) -> int:
+    data_dir = Path(args.data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    # Postgres may run as an unprivileged user (when we are root): it must reach the dir.
+    with contextlib.suppress(OSError):
+        os.chmod(data_dir, 0o755)
+    logs_dir = data_dir / "logs"
+    logs_dir.mkdir(exist_ok=True)
+    if not _port_free(args.host, args.port):
+        print(f"xoogify: port {args.port} on {args.host} is taken; use --port", file=sys.stderr)
+        return 2
+
+    nats: EmbeddedNats | None = None
+    postgres: EmbeddedPostgres | None = None
+    supervisor = Supervisor()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        nats_url = os.environ.get("XOOGIFY_NATS_URL")
+        if not nats_url:
+            nats = EmbeddedNats(data_dir / "nats", log_file=logs_dir / "nats-server.log")
+            await asyncio.to_thread(nats.start)
+            nats_url = nats.url
+        database_url = os.environ.get("XOOGIFY_DATABASE_URL")
+        if not database_url:
+            postgres = EmbeddedPostgres(data_dir / "postgres", log_file=logs_dir / "postgres.log")
+            await asyncio.to_thread(postgres.start)
+            database_url = postgres.url
+        url = f"http://{args.host}:{args.port}"
+        env = dict(os.environ)
+        env.update(
+            XOOGIFY_NATS_URL=nats_url,
+            XOOGIFY_DATABASE_URL=database_url,
+            XOOGIFY_GATEWAY_URL=url,
+            XOOGIFY_MODULES_DIR=str(settings.modules_dir),
+            XOOGIFY_DATA_DIR=str(data_dir),
+        )
+        arches = [a.strip() for a in args.runners.split(",") if a.strip()]
+        children = [
+            Child(
+                "gateway",
+                ["gateway", "--host", args.host, "--port", str(args.port)],
+                env,
+                logs_dir / "gateway.log",
+            )
+        ]
+        children.append(Child("scheduler", ["scheduler"], env, logs_dir / "scheduler.log"))
+        for arch in arches:
+            name = f"runner-{arch}"
+            args_ = ["runner", "--arch", arch, "--runner-id", f"{socket.gethostname()[:40]}-{arch}"]
+            children.append(Child(name, args_, env, logs_dir / f"{name}.log"))
+        supervisor.children = children
+        for child in children:
+            child.start()
+        watcher = asyncio.create_task(supervisor.watch())
+        ready = asyncio.create_task(_wait_ready(url, 60.0, supervisor))
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if ready.done() and ready.exception() is None and not stop.is_set():
+            token = None
+            token_file = data_dir / "admin-token"
+            if token_file.exists():
+                token = token_file.read_text().strip()
+            login = f"{url}/?token={token}" if token else url
+            print(f"xoogify: ready at {url}", flush=True)
+            print(f"xoogify: open {login}", flush=True)
+            print(f"xoogify: logs in {logs_dir}; Ctrl-C stops everything", flush=True)
+            if args.demo:
+                await _demo(url, token, arches)
+            await stopped
+        elif ready.done() and ready.exception() is not None:
+            print(f"xoogify: {ready.exception()}; see {logs_dir}", file=sys.stderr)
+            stop.set()
+        ready.cancel()
+        stopped.cancel()
+        print("xoogify: stopping", file=sys.stderr, flush=True)
+        await supervisor.stop()
+        watcher.cancel()
+        return 0
+    finally:
+        await supervisor.stop()
+        if postgres is not None:
+            await asyncio.to_thread(postgres.stop)
+        if nats is not None:
+            await asyncio.to_thread(nats.stop)
+
+
+def up(args: argparse.Namespace, settings: Settings) -> int:
+    return asyncio.run(_run(args, settings))
