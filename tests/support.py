@@ -1,0 +1,93 @@
+"""Helpers for integration tests: a websocket recorder to wait on, and waiting with a
+deadline for a condition (never a bare sleep as synchronisation)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from websockets.asyncio.client import ClientConnection, connect
+
+from services.common import codec
+
+T = TypeVar("T")
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T | None]], timeout: float = 30.0, interval: float = 0.05
+) -> T:
+    """Call `probe` until it returns something truthy; fail after `timeout` seconds."""
+    async with asyncio.timeout(timeout):
+        while True:
+            value = await probe()
+            if value:
+                return value
+            await asyncio.sleep(interval)
+
+
+class WsRecorder:
+    """A `/ws` client that records every message, and lets a test wait for one."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.messages: list[dict[str, Any]] = []
+        self._changed = asyncio.Condition()
+        self._ws: ClientConnection | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> WsRecorder:
+        self._ws = await connect(self.url, max_size=64 * 1024 * 1024)
+        self._task = asyncio.create_task(self._read())
+        await self.wait_for(lambda m: m.get("type") == "hello")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._ws is not None:
+            await self._ws.close()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _read(self) -> None:
+        assert self._ws is not None
+        with contextlib.suppress(Exception):
+            async for raw in self._ws:
+                async with self._changed:
+                    self.messages.append(codec.loads(raw))
+                    self._changed.notify_all()
+
+    async def send(self, message: dict[str, Any]) -> None:
+        assert self._ws is not None
+        await self._ws.send(codec.dumps_str(message))
+
+    @property
+    def hello(self) -> dict[str, Any]:
+        return next(m for m in self.messages if m.get("type") == "hello")
+
+    def job_items(self, build_id: int | None = None) -> list[dict[str, Any]]:
+        items = [i for m in self.messages if m.get("type") == "jobs" for i in m["items"]]
+        return [i for i in items if build_id is None or i["build_id"] == build_id]
+
+    async def wait_for(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 30.0
+    ) -> dict[str, Any]:
+        async with asyncio.timeout(timeout), self._changed:
+            while True:
+                for message in self.messages:
+                    if predicate(message):
+                        return message
+                await self._changed.wait()
+
+    async def wait_job_status(
+        self, build_id: int, statuses: set[str], timeout: float = 60.0
+    ) -> dict[str, Any]:
+        def has(message: dict[str, Any]) -> bool:
+            return message.get("type") == "jobs" and any(
+                i["build_id"] == build_id and i["status"] in statuses for i in message["items"]
+            )
+
+        await self.wait_for(has, timeout)
+        return next(i for i in self.job_items(build_id) if i["status"] in statuses)
