@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import glob
+import importlib.util
 import os
 import pwd
 import shutil
@@ -102,10 +103,11 @@ def find_postgres_bin() -> Path:
     if initdb:
         candidates.append(Path(initdb).resolve().parent)
     candidates += [Path(p) for p in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)]
-    with contextlib.suppress(ImportError):
-        import pgserver
-
-        candidates.append(Path(pgserver.__file__).parent / "pginstall" / "bin")
+    # Else the binaries inside the pgserver wheel (found without importing it).
+    spec = importlib.util.find_spec("pgserver")
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            candidates.append(Path(location) / "pginstall" / "bin")
     for directory in candidates:
         if (directory / "initdb").exists() and (directory / "postgres").exists():
             return directory

@@ -72,6 +72,7 @@ async def test_up_runs_a_job_and_stops_clean(data_dir: Path) -> None:
         text=True,
     )
     url = f"http://127.0.0.1:{port}"
+    family: set[int] = set()
     try:
 
         async def ready() -> bool:
