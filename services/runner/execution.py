@@ -1,0 +1,132 @@
+"""Running one claimed job: fresh work dir, executor commands in order, output to the log
+stream, and the stop paths (cancel, timeout, drain). Returns how it ended; the caller
+reports it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from nats.js import JetStreamContext
+
+from services.common.config import Settings
+from services.common.status import Reason
+from services.runner import process
+from services.runner.control import StopRequest
+from services.runner.executors import EXECUTORS
+from services.runner.executors.base import Command, InvalidModule, copy_module, module_source
+from services.runner.job import Job, Outcome
+from services.runner.logstream import LogStream
+
+log = logging.getLogger(__name__)
+
+READ_BYTES = 64 * 1024
+# After the command ends, how long its output may still take to drain from the pipe.
+PUMP_DRAIN_S = 5.0
+
+
+async def execute(js: JetStreamContext, settings: Settings, job: Job, stop: StopRequest) -> Outcome:
+    """Run `job` to its end and return the outcome; the log's eof chunk is acked by then."""
+    stream = LogStream(
+        js,
+        settings.subjects.log(job.build_id),
+        job.build_id,
+        job.attempt,
+        job.secrets(),
+        settings.log_cap_bytes,
+    )
+    async with stream as logs:
+        try:
+            outcome = await _run(settings, job, stop, logs)
+        except Exception as exc:
+            log.exception("job failed inside the runner", extra={"build_id": job.build_id})
+            await logs.note(f"[xoogify] internal error in the runner: {exc!r}")
+            outcome = Outcome(reason=Reason.INTERNAL)
+        await logs.close()
+    return outcome
+
+
+async def _run(settings: Settings, job: Job, stop: StopRequest, logs: LogStream) -> Outcome:
+    executor = EXECUTORS.get(job.kind)
+    if executor is None:
+        await logs.note(f"[xoogify] this runner has no executor for kind {job.kind!r}")
+        return Outcome(reason=Reason.INVALID_MODULE)
+    workdir = Path(tempfile.mkdtemp(prefix=f"xoogify-{job.build_id}-"))
+    try:
+        try:
+            copy_module(module_source(settings.modules_dir, job.module_name), workdir)
+            commands = executor.prepare(job, workdir, settings, os.environ)
+        except InvalidModule as exc:
+            await logs.note(f"[xoogify] invalid module: {exc}")
+            return Outcome(reason=Reason.INVALID_MODULE)
+        timer = asyncio.get_running_loop().call_later(
+            job.timeout_s, stop.stop, Reason.TIMEOUT, f"timeout of {job.timeout_s}s reached"
+        )
+        try:
+            for command in commands:
+                if stop.requested:
+                    # Stopped between two commands (or before the first): nothing to kill.
+                    await logs.note(f"[xoogify] {stop.why}: not starting {command.title!r}")
+                    return Outcome(reason=stop.reason)
+                exit_code, stopped = await _run_command(command, workdir, settings, stop, logs)
+                if stopped:
+                    return Outcome(reason=stop.reason)
+                if exit_code != 0:
+                    return Outcome(exit_code=exit_code)
+        finally:
+            timer.cancel()
+        return Outcome(exit_code=0)
+    finally:
+        await asyncio.to_thread(shutil.rmtree, workdir, True)
+
+
+async def _run_command(
+    command: Command, workdir: Path, settings: Settings, stop: StopRequest, logs: LogStream
+) -> tuple[int, bool]:
+    """Run one command; returns its exit code and whether the runner stopped it."""
+    proc = await process.start(command.argv, workdir, command.env)
+    assert proc.stdout is not None
+    pump = asyncio.create_task(_pump(proc.stdout, logs))
+    waiter = asyncio.create_task(proc.wait())
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopped = not waiter.done()
+        if stopped:
+            grace = settings.cancel_grace_s
+            await logs.note(
+                f"[xoogify] {stop.why}: stopping the process (SIGINT, SIGKILL after {grace:g}s)"
+            )
+            killed = await process.stop_group(proc, grace)
+            if killed:
+                await logs.note("[xoogify] the process did not stop in time; killed")
+            else:
+                await logs.note("[xoogify] the process stopped")
+        exit_code = await waiter
+        process.kill_leftovers(proc)
+        try:
+            await asyncio.wait_for(asyncio.shield(pump), PUMP_DRAIN_S)
+        except TimeoutError:
+            # Something outside the process group still holds the pipe open.
+            log.warning("output pipe still open after the command ended")
+        return exit_code, stopped
+    finally:
+        # Also on cancellation of the runner itself: nothing of the job survives it.
+        process.kill_leftovers(proc)
+        for task in (pump, waiter, stopper):
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.gather(pump, waiter, stopper, return_exceptions=True)
+
+
+async def _pump(stream: asyncio.StreamReader, logs: LogStream) -> None:
+    while True:
+        data = await stream.read(READ_BYTES)
+        if not data:
+            return
+        await logs.write(data)

@@ -1,0 +1,60 @@
+"""Starting a job's command in its own process group, and stopping the whole group.
+
+The child gets PR_SET_PDEATHSIG, so it dies with the runner; stdin is /dev/null and
+stderr is merged into stdout. Stopping is SIGINT to the group, a grace period, then
+SIGKILL: the command's own children go too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from pathlib import Path
+
+from services.common.children import pdeathsig_preexec
+
+
+async def start(argv: list[str], cwd: Path, env: dict[str, str]) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        *argv,
+        cwd=cwd,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=pdeathsig_preexec,
+    )
+
+
+def signal_group(proc: asyncio.subprocess.Process, sig: int) -> bool:
+    """Send `sig` to the process group of `proc` (its pgid is its pid: a new session)."""
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+async def stop_group(proc: asyncio.subprocess.Process, grace_s: float) -> bool:
+    """SIGINT the group, wait up to `grace_s` for the command to end, then SIGKILL the
+    group. Returns True if it had to kill."""
+    signal_group(proc, signal.SIGINT)
+    try:
+        await asyncio.wait_for(proc.wait(), grace_s)
+        killed = False
+    except TimeoutError:
+        killed = True
+    # Whatever is left of the group (children that ignored SIGINT) goes now.
+    signal_group(proc, signal.SIGKILL)
+    await proc.wait()
+    return killed
+
+
+def kill_leftovers(proc: asyncio.subprocess.Process) -> None:
+    """After the command ended: background children it left in its group would keep the
+    output pipe open, so they go too."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)

@@ -1,0 +1,105 @@
+"""The runner's entry in KV bucket `xoogify-runners`: registration plus heartbeat.
+
+The bucket's TTL is about three heartbeats, so a runner that stops refreshing its key is
+gone from the registry soon after; a runner that cannot refresh it for that long stops
+(loudly) rather than run jobs the scheduler already counts as lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from typing import Any
+
+from nats.errors import Error as NatsError
+
+from services.common import codec, schemas
+from services.common.timefmt import now_iso
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+
+
+class HeartbeatLost(RuntimeError):
+    """The registry key could not be refreshed within its TTL."""
+
+
+class Registry:
+    def __init__(
+        self,
+        kv: Any,
+        runner_id: str,
+        arch: str,
+        kinds: list[str],
+        labels: dict[str, str],
+        heartbeat_s: float,
+    ) -> None:
+        self._kv = kv
+        self.runner_id = runner_id
+        self.arch = arch
+        self.kinds = kinds
+        self.labels = labels
+        self.heartbeat_s = heartbeat_s
+        self.hostname = socket.gethostname()
+        self.started_at = now_iso()
+        self.state = "idle"
+        self.current_build_id: int | None = None
+        self._last_ok = time.monotonic()
+        self._lock = asyncio.Lock()
+
+    def value(self) -> dict[str, Any]:
+        value = {
+            "runner_id": self.runner_id,
+            "arch": self.arch,
+            "kinds": self.kinds,
+            "labels": self.labels,
+            "version": VERSION,
+            "hostname": self.hostname,
+            "state": self.state,
+            "current_build_id": self.current_build_id,
+            "started_at": self.started_at,
+            "last_seen": now_iso(),
+        }
+        return dict(schemas.check("runner_registration", value))
+
+    async def put(self) -> None:
+        # One writer at a time, so a state change never lands before an older heartbeat.
+        async with self._lock:
+            await self._kv.put(self.runner_id, codec.dumps(self.value()))
+            self._last_ok = time.monotonic()
+
+    async def set_state(self, state: str, build_id: int | None) -> None:
+        """Change state and say so at once (not at the next heartbeat)."""
+        if self.state == "draining" and state != "draining":
+            state = "draining"  # once draining, always draining
+        self.state, self.current_build_id = state, build_id
+        try:
+            await self.put()
+        except (NatsError, TimeoutError) as exc:
+            # The heartbeat retries; it alone decides when the runner is lost.
+            log.warning("registry update failed", extra={"error": repr(exc)})
+
+    async def heartbeat_forever(self) -> None:
+        """Refresh the key every `heartbeat_s`; raise HeartbeatLost when it has not been
+        refreshed for longer than the TTL (3 heartbeats)."""
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            try:
+                await self.put()
+            except (NatsError, TimeoutError) as exc:
+                silent = time.monotonic() - self._last_ok
+                log.warning("heartbeat failed", extra={"error": repr(exc), "silent_s": silent})
+                if silent > 3 * self.heartbeat_s:
+                    raise HeartbeatLost(
+                        f"registry key not refreshed for {silent:.1f}s (TTL "
+                        f"{3 * self.heartbeat_s:.1f}s)"
+                    ) from exc
+
+    async def remove(self) -> None:
+        try:
+            await self._kv.delete(self.runner_id)
+        except (NatsError, TimeoutError) as exc:
+            log.warning("could not delete registry key", extra={"error": repr(exc)})

@@ -1,0 +1,178 @@
+"""The runner service: registers itself, heartbeats, pulls and runs jobs one at a time,
+and drains on SIGTERM/SIGINT (stop pulling, say `draining`, let the job finish until the
+drain deadline, then cancel it, report, leave the registry, drain NATS)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+from collections.abc import Mapping
+
+from nats.aio.client import Client
+from nats.errors import Error as NatsError
+
+from services.common import bus
+from services.common.config import Settings
+from services.common.metrics import serve_metrics
+from services.runner.executors import EXECUTORS
+from services.runner.registry import HeartbeatLost, Registry
+from services.runner.work import Worker
+
+log = logging.getLogger(__name__)
+
+_ARCH_ALIASES = {"x86_64": "amd64", "aarch64": "arm64"}
+DEFAULT_DRAIN_TIMEOUT_S = 60.0
+
+
+def normalize_arch(arch: str) -> str:
+    """The contract's name for an architecture (x86_64 → amd64, aarch64 → arm64)."""
+    arch = arch.strip().lower()
+    return _ARCH_ALIASES.get(arch, arch)
+
+
+def default_runner_id() -> str:
+    return f"runner-{secrets.token_hex(4)}"
+
+
+def drain_timeout_from_env(env: Mapping[str, str] | None = None) -> float:
+    value = (os.environ if env is None else env).get("XOOGIFY_DRAIN_TIMEOUT_S")
+    return float(value) if value else DEFAULT_DRAIN_TIMEOUT_S
+
+
+def runnable_kinds(kinds: list[str]) -> list[str]:
+    """The asked-for kinds this runner has an executor for, in order, without repeats."""
+    usable: list[str] = []
+    for kind in kinds:
+        if kind not in EXECUTORS:
+            log.warning("no executor for this kind; not taking its jobs", extra={"kind": kind})
+        elif kind not in usable:
+            usable.append(kind)
+    if not usable:
+        raise ValueError(f"none of the kinds {kinds} can run here (have: {sorted(EXECUTORS)})")
+    return usable
+
+
+class RunnerService:
+    """One runner. `serve()` runs until `stop()` (then drains) or until its heartbeat dies
+    (then it raises: a runner that cannot heartbeat must not pretend to be alive)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        arch: str,
+        kinds: list[str],
+        labels: dict[str, str] | None = None,
+        runner_id: str | None = None,
+        drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
+    ) -> None:
+        self.settings = settings
+        self.arch = normalize_arch(arch)
+        self.kinds = runnable_kinds(kinds)
+        self.labels = dict(labels or {})
+        self.runner_id = runner_id or default_runner_id()
+        self.drain_timeout_s = drain_timeout_s
+        self.ready = asyncio.Event()
+        self._stop_requested = False
+        self._worker: Worker | None = None
+        self._registry: Registry | None = None
+        self._background: set[asyncio.Task[None]] = set()
+
+    @property
+    def healthy(self) -> bool:
+        return self.ready.is_set()
+
+    def stop(self) -> None:
+        """Begin the drain (safe to call from a signal handler, and more than once)."""
+        if self._stop_requested:
+            return
+        self._stop_requested = True
+        log.info("drain requested", extra={"runner_id": self.runner_id})
+        if self._worker is not None:
+            self._worker.request_stop()
+        if self._registry is not None:
+            registry = self._registry
+            task = asyncio.create_task(registry.set_state("draining", registry.current_build_id))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def serve(self) -> None:
+        nc = await bus.connect(self.settings, f"runner {self.runner_id}")
+        try:
+            await self._serve(nc)
+        finally:
+            await _drain(nc)
+
+    async def _serve(self, nc: Client) -> None:
+        settings = self.settings
+        js = nc.jetstream()
+        await bus.ensure_streams(js, settings)
+        kv = await bus.ensure_kv(js, settings.subjects.runners_bucket, ttl=3 * settings.heartbeat_s)
+        registry = Registry(
+            kv, self.runner_id, self.arch, self.kinds, self.labels, settings.heartbeat_s
+        )
+        await registry.put()
+        worker = Worker(nc, js, settings, registry, self.drain_timeout_s)
+        self._registry, self._worker = registry, worker
+        log.info(
+            "runner registered",
+            extra={"runner_id": self.runner_id, "arch": self.arch, "kinds": ",".join(self.kinds)},
+        )
+        if self._stop_requested:  # a signal came while connecting
+            self._stop_requested = False
+            self.stop()
+        self.ready.set()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                heartbeat = tg.create_task(registry.heartbeat_forever())
+                await worker.run()
+                heartbeat.cancel()
+        except* HeartbeatLost as group:
+            log.critical("heartbeat lost; stopping", extra={"error": str(group.exceptions[0])})
+            raise
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        await registry.remove()
+        log.info("runner stopped", extra={"runner_id": self.runner_id, "jobs": worker.jobs_run})
+
+
+async def _drain(nc: Client) -> None:
+    if nc.is_closed:
+        return
+    try:
+        await nc.drain()
+    except (NatsError, TimeoutError) as exc:
+        log.warning("nats drain failed", extra={"error": repr(exc)})
+        with contextlib.suppress(NatsError, TimeoutError):
+            await nc.close()
+
+
+async def run(
+    settings: Settings,
+    arch: str,
+    kinds: list[str],
+    labels: dict[str, str],
+    metrics_port: int | None,
+    runner_id: str | None,
+) -> None:
+    """Entry point of `xoogify runner`: serve until SIGTERM/SIGINT, then drain and return."""
+    service = RunnerService(
+        settings, arch, kinds, labels, runner_id, drain_timeout_s=drain_timeout_from_env()
+    )
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, service.stop)
+    metrics = None
+    if metrics_port is not None:
+        metrics = await serve_metrics(metrics_port, lambda: service.healthy)
+    try:
+        await service.serve()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        if metrics is not None:
+            metrics.close()
+            await metrics.wait_closed()

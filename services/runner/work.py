@@ -1,0 +1,217 @@
+"""The work loop: one job at a time. Pull a dispatch message, validate it, claim the job
+from the scheduler, run it, report. Never starts a job without a granted claim.
+
+Stopping (drain): the loop stops pulling at once; a running job may finish until the
+drain deadline, then it is cancelled like any other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
+from nats.js import JetStreamContext
+
+from services.common import codec, schemas
+from services.common.config import Settings
+from services.common.metrics import REJECTED
+from services.common.schemas import SchemaError
+from services.common.status import Reason
+from services.common.timefmt import now_iso
+from services.runner import dispatch
+from services.runner.control import StopRequest
+from services.runner.execution import execute
+from services.runner.job import Job, Outcome
+from services.runner.publish import publish_until_acked
+from services.runner.registry import Registry
+
+log = logging.getLogger(__name__)
+
+FETCH_TIMEOUT_S = 0.5
+CLAIM_TIMEOUT_S = 5.0
+# A claim nobody answered: the message comes back after this long.
+NAK_DELAY_S = 1.0
+
+
+class Worker:
+    def __init__(
+        self,
+        nc: Client,
+        js: JetStreamContext,
+        settings: Settings,
+        registry: Registry,
+        drain_timeout_s: float,
+    ) -> None:
+        self._nc = nc
+        self._js = js
+        self._settings = settings
+        self._registry = registry
+        self._drain_timeout_s = drain_timeout_s
+        self.runner_id = registry.runner_id
+        self._stopping = asyncio.Event()
+        self._current: StopRequest | None = None
+        self._drain_timer: asyncio.TimerHandle | None = None
+        self._deadline_passed = False
+        self.jobs_run = 0
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def request_stop(self) -> None:
+        """Drain: take no more work; the running job gets until the drain deadline."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        self._drain_timer = asyncio.get_running_loop().call_later(
+            self._drain_timeout_s, self._drain_deadline
+        )
+
+    def _drain_deadline(self) -> None:
+        self._deadline_passed = True
+        if self._current is not None:
+            self._cancel_for_drain(self._current)
+
+    def _cancel_for_drain(self, stop: StopRequest) -> None:
+        why = f"runner shutting down (drain deadline of {self._drain_timeout_s:g}s)"
+        stop.stop(Reason.CANCELLED, why)
+
+    async def run(self) -> None:
+        subs = [
+            await dispatch.subscribe(self._js, self._settings, self._registry.arch, kind)
+            for kind in self._registry.kinds
+        ]
+        try:
+            while not self.stopping:
+                for sub in subs:
+                    if self.stopping:
+                        break
+                    try:
+                        msgs = await dispatch.fetch_one(sub, FETCH_TIMEOUT_S)
+                    except NatsError as exc:
+                        log.warning("fetch failed", extra={"error": repr(exc)})
+                        await asyncio.sleep(FETCH_TIMEOUT_S)  # backoff while NATS is away
+                        continue
+                    for msg in msgs:
+                        await self._handle(msg)
+        finally:
+            if self._drain_timer is not None:
+                self._drain_timer.cancel()
+            for sub in subs:
+                try:
+                    await sub.unsubscribe()
+                except NatsError as exc:
+                    log.debug("unsubscribe failed", extra={"error": repr(exc)})
+
+    async def _handle(self, msg: Msg) -> None:
+        if self.stopping:
+            await msg.nak()  # hand it back at once, another runner takes it
+            return
+        try:
+            job = Job.from_dispatch(schemas.decode("dispatch", msg.data))
+        except SchemaError as exc:
+            REJECTED.labels(service="runner", subject=msg.subject).inc()
+            log.warning("bad dispatch message", extra={"subject": msg.subject, "error": str(exc)})
+            await msg.term()
+            return
+        if job.arch != self._registry.arch or job.kind not in self._registry.kinds:
+            REJECTED.labels(service="runner", subject=msg.subject).inc()
+            log.warning(
+                "dispatch message for another arch/kind",
+                extra={"subject": msg.subject, "module_type": job.module_type},
+            )
+            await msg.term()
+            return
+
+        stop = StopRequest()
+        # Listen for a cancel before claiming, so one sent right after the grant is heard.
+        cancel_sub = await self._nc.subscribe(
+            self._settings.subjects.cancel(job.build_id), cb=self._cancel_handler(job, stop)
+        )
+        try:
+            await self._nc.flush()
+            granted = await self._claim(job)
+            if granted is None:
+                await msg.nak(delay=NAK_DELAY_S)
+                return
+            # Acked either way: granted it is ours; refused it is someone else's or over.
+            await msg.ack()
+            if not granted:
+                return
+            await self._run_claimed(job, stop)
+        finally:
+            try:
+                await cancel_sub.unsubscribe()
+            except NatsError as exc:
+                log.debug("unsubscribe failed", extra={"error": repr(exc)})
+
+    def _cancel_handler(self, job: Job, stop: StopRequest) -> Any:
+        async def on_cancel(msg: Msg) -> None:
+            try:
+                request = schemas.decode("cancel_request", msg.data)
+            except SchemaError as exc:
+                REJECTED.labels(service="runner", subject=msg.subject).inc()
+                log.warning("bad cancel message", extra={"error": str(exc)})
+                return
+            if request["build_id"] != job.build_id:
+                return
+            if request.get("reason") == "timeout":
+                stop.stop(Reason.TIMEOUT, "timeout reached (scheduler)")
+            else:
+                who = request.get("requested_by")
+                stop.stop(Reason.CANCELLED, f"cancelled by {who}" if who else "cancelled")
+
+        return on_cancel
+
+    async def _claim(self, job: Job) -> bool | None:
+        """True granted, False refused, None when nobody answered."""
+        claim = {"build_id": job.build_id, "runner_id": self.runner_id, "attempt": job.attempt}
+        try:
+            reply = await self._nc.request(
+                self._settings.subjects.claim, codec.dumps(claim), timeout=CLAIM_TIMEOUT_S
+            )
+        except (NatsError, TimeoutError) as exc:
+            log.warning("claim not answered", extra={"build_id": job.build_id, "error": repr(exc)})
+            return None
+        try:
+            answer = schemas.decode("claim_reply", reply.data)
+        except SchemaError as exc:
+            REJECTED.labels(service="runner", subject=self._settings.subjects.claim).inc()
+            log.warning("bad claim reply", extra={"build_id": job.build_id, "error": str(exc)})
+            return None
+        if not answer["granted"]:
+            log.info("claim refused", extra={"build_id": job.build_id, "why": answer.get("reason")})
+        return bool(answer["granted"])
+
+    async def _run_claimed(self, job: Job, stop: StopRequest) -> None:
+        self._current = stop
+        if self._deadline_passed:  # the drain deadline passed while the claim was in flight
+            self._cancel_for_drain(stop)
+        await self._registry.set_state("busy", job.build_id)
+        log.info("job started", extra={"build_id": job.build_id, "module": job.module_name})
+        try:
+            outcome = await execute(self._js, self._settings, job, stop)
+        finally:
+            self._current = None
+        await self._report(job, outcome)
+        self.jobs_run += 1
+        log.info("job finished", extra={"build_id": job.build_id, **outcome.report_fields()})
+        await self._registry.set_state("idle", None)
+
+    async def _report(self, job: Job, outcome: Outcome) -> None:
+        report = {
+            "build_id": job.build_id,
+            "runner_id": self.runner_id,
+            "type": "finished",
+            **outcome.report_fields(),
+            "at": now_iso(),
+        }
+        schemas.check("report", report)
+        headers = {"Nats-Msg-Id": f"report-{job.build_id}-{job.attempt}-{self.runner_id}"}
+        await publish_until_acked(
+            self._js, self._settings.subjects.report(self.runner_id), codec.dumps(report), headers
+        )
