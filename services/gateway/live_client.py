@@ -1,0 +1,233 @@
+"""One websocket's share of the hub: which events it wants, and its bounded queue.
+
+Pure bookkeeping (no I/O), so the rules are unit-tested without servers: a status event is
+never merged or dropped unless the whole backlog is (then the socket gets `resync`); a job
+that leaves the filter still gets the update that took it out; a stream sequence is sent at
+most once per socket, so a `since` replay never repeats what live delivery already sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.common import codec, schemas
+from services.common.filters import JobFilter
+from services.common.status import is_final
+
+
+@dataclass(frozen=True)
+class Item:
+    """One status event as every socket gets it: decoded for filtering, encoded once."""
+
+    stream_seq: int
+    build_id: int
+    job: dict[str, Any]
+    raw: bytes
+
+
+def make_item(stream_seq: int, data: bytes) -> Item:
+    """Validate a `job_event` payload and encode it once, with its `stream_seq` added.
+
+    Raises SchemaError for a bad payload (the caller counts and skips it).
+    """
+    job = dict(schemas.decode("job_event", data))
+    job["stream_seq"] = stream_seq
+    return Item(stream_seq, int(job["build_id"]), job, codec.dumps(job))
+
+
+def jobs_frame(items: Iterable[Item]) -> str:
+    """`{"type": "jobs", "items": [...]}` from pre-encoded items, without re-encoding them."""
+    return (b'{"type":"jobs","items":[' + b",".join(i.raw for i in items) + b"]}").decode()
+
+
+class Visibility:
+    """Which events a socket is sent: those matching its filter, plus the update that takes
+    a job it was sent out of the filter (so the page can show the job's new state)."""
+
+    def __init__(self, flt: JobFilter) -> None:
+        self.filter = flt
+        self._everything = flt.is_empty()
+        # Jobs this socket was sent that may still change; final ones cannot, so the set
+        # stays as small as the number of live jobs.
+        self.tracked: set[int] = set()
+
+    def wants(self, item: Item) -> bool:
+        if self._everything:
+            return True
+        if self.filter.matches(item.job):
+            if is_final(item.job["status"]):
+                self.tracked.discard(item.build_id)
+            else:
+                self.tracked.add(item.build_id)
+            return True
+        if item.build_id in self.tracked:
+            self.tracked.discard(item.build_id)
+            return True
+        return False
+
+
+class SentSeqs:
+    """The stream sequences a socket was sent, remembering the most recent `limit`."""
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self.limit = limit
+        self._order: deque[int] = deque()
+        self._set: set[int] = set()
+
+    def __contains__(self, seq: object) -> bool:
+        return seq in self._set
+
+    def add(self, seq: int) -> None:
+        if seq in self._set:
+            return
+        self._set.add(seq)
+        self._order.append(seq)
+        while len(self._order) > self.limit:
+            self._set.discard(self._order.popleft())
+
+    def discard(self, seq: int) -> None:
+        # Only called for the few items of a dropped backlog; the deque keeps a stale
+        # entry, which is harmless (popping it later discards nothing).
+        self._set.discard(seq)
+
+    def __len__(self) -> int:
+        return len(self._set)
+
+
+@dataclass(frozen=True)
+class ReplayWindow:
+    """The hand-over of a `since` replay to live delivery.
+
+    `switch` is the hub's last sequence when the replay began: the replay covers
+    (since, switch], live delivery everything after max(since, switch). Together they
+    cover every sequence after `since` once: no gap, no repeat.
+    """
+
+    since: int
+    switch: int
+
+    def in_replay(self, seq: int) -> bool:
+        return self.since < seq <= self.switch
+
+    def in_live(self, seq: int) -> bool:
+        return seq > max(self.since, self.switch)
+
+
+def merge(replayed: Iterable[Item], buffered: Iterable[Item], window: ReplayWindow) -> list[Item]:
+    """What a socket gets from a replay and the live items buffered meanwhile."""
+    out = [i for i in replayed if window.in_replay(i.stream_seq)]
+    out += [i for i in buffered if window.in_live(i.stream_seq)]
+    return out
+
+
+@dataclass
+class LiveClient:
+    """A websocket's queue. The hub calls `offer` for every event; the socket's sender
+    takes frames with `take`. Nothing here ever awaits, so one slow socket cannot hold up
+    the hub or the others."""
+
+    queue_limit: int = 1000
+    buffer_limit: int = 20_000
+    visibility: Visibility = field(default_factory=lambda: Visibility(JobFilter()))
+    queue: deque[Item] = field(default_factory=deque)
+    sent: SentSeqs = field(default_factory=SentSeqs)
+    resync_reason: str | None = None
+    # After a resync, live items are dropped until the client sends a new `filter`.
+    paused: bool = False
+    replaying: bool = False
+    buffer: list[Item] = field(default_factory=list)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    space: asyncio.Event = field(default_factory=asyncio.Event)
+    resyncs: int = 0
+    # Bumped by a new filter or an overflow, so a running replay knows it is obsolete.
+    generation: int = 0
+
+    def offer(self, item: Item) -> None:
+        """A live event from the hub."""
+        if self.paused:
+            return
+        if self.replaying:
+            # Filtered only at the hand-over, in order, so that an update taking a job out
+            # of the filter is recognised even when the replay had not yet reached it.
+            self.buffer.append(item)
+            if len(self.buffer) > self.buffer_limit:
+                self.overflow("fell behind during replay")
+            return
+        self._deliver(item)
+
+    def _deliver(self, item: Item) -> bool:
+        if item.stream_seq in self.sent or not self.visibility.wants(item):
+            return False
+        if len(self.queue) >= self.queue_limit:
+            self.overflow("fell behind: send queue full")
+            return False
+        self._enqueue(item)
+        return True
+
+    def _enqueue(self, item: Item) -> None:
+        self.queue.append(item)
+        self.sent.add(item.stream_seq)
+        self.wake.set()
+
+    def overflow(self, reason: str) -> None:
+        """Drop the whole backlog (never a part of it) and ask the client to resync."""
+        for item in self.queue:
+            self.sent.discard(item.stream_seq)
+        self.queue.clear()
+        self.buffer.clear()
+        self.replaying = False
+        self.paused = True
+        self.resync_reason = reason
+        self.resyncs += 1
+        self.generation += 1
+        self.space.set()
+        self.wake.set()
+
+    def set_filter(self, flt: JobFilter) -> None:
+        """A new filter: what was queued for the old one is not sent."""
+        for item in self.queue:
+            self.sent.discard(item.stream_seq)
+        self.queue.clear()
+        self.buffer.clear()
+        self.visibility = Visibility(flt)
+        self.replaying = False
+        self.paused = False
+        self.generation += 1
+        self.space.set()
+
+    def begin_replay(self) -> None:
+        self.replaying = True
+        self.buffer = []
+
+    def room(self) -> bool:
+        return len(self.queue) < self.queue_limit
+
+    def add_replayed(self, item: Item) -> bool:
+        """A replayed item; the caller waits for `room()` first, so a replay never overflows."""
+        if item.stream_seq in self.sent or not self.visibility.wants(item):
+            return False
+        self._enqueue(item)
+        return True
+
+    def end_replay(self, window: ReplayWindow) -> None:
+        """Hand over to live: deliver the buffered items after the replay's end."""
+        buffered, self.buffer = self.buffer, []
+        self.replaying = False
+        for item in buffered:
+            if window.in_live(item.stream_seq):
+                self._deliver(item)
+
+    def take(self, max_items: int = 500) -> list[Item]:
+        count = min(max_items, len(self.queue))
+        items = [self.queue.popleft() for _ in range(count)]
+        if items:
+            self.space.set()
+        return items
+
+    def take_resync(self) -> str | None:
+        reason, self.resync_reason = self.resync_reason, None
+        return reason
