@@ -1,0 +1,110 @@
+"""Performs the machine's effects over NATS, in order. The only place the scheduler writes
+to JetStream, KV or core subjects."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.errors import BadRequestError, NotFoundError
+
+from services.common import codec
+from services.common.config import Settings
+from services.scheduler.effects import (
+    DeleteJob,
+    Dispatch,
+    DropDispatch,
+    Effect,
+    PublishEvent,
+    SaveJob,
+    SendCancel,
+)
+from services.scheduler.machine import Machine
+from services.scheduler.metrics import EVENTS
+from services.scheduler.store import JobStore
+
+log = logging.getLogger(__name__)
+
+DISPATCH_ACK_WAIT_S = 30.0
+
+
+class PerformError(Exception):
+    """An effect failed; `done` effects before it were performed."""
+
+    def __init__(self, done: int, cause: BaseException) -> None:
+        super().__init__(f"effect {done} failed: {cause!r}")
+        self.done = done
+
+
+class Outbox:
+    def __init__(
+        self, settings: Settings, nc: Client, js: JetStreamContext, store: JobStore
+    ) -> None:
+        self.settings = settings
+        self.nc = nc
+        self.js = js
+        self.store = store
+        self._consumers: set[tuple[str, str]] = set()
+
+    async def perform(self, effects: list[Effect], machine: Machine) -> None:
+        for done, effect in enumerate(effects):
+            try:
+                await self._one(effect, machine)
+            except Exception as exc:
+                raise PerformError(done, exc) from exc
+
+    async def _one(self, effect: Effect, machine: Machine) -> None:
+        s = self.settings.subjects
+        match effect:
+            case SaveJob(build_id, value):
+                await self.store.save(build_id, value)
+            case DeleteJob(build_id):
+                await self.store.delete(build_id)
+            case PublishEvent(organization, environment, build_id, payload):
+                ack = await self.js.publish(
+                    s.event(organization, environment, build_id),
+                    codec.dumps(payload),
+                    headers={"Nats-Msg-Id": payload["event_id"]},
+                )
+                if not ack.duplicate:
+                    EVENTS.labels(effect.status).inc()
+            case Dispatch(arch, kind, build_id, msg_id, payload):
+                await self.ensure_dispatch_consumer(arch, kind)
+                ack = await self.js.publish(
+                    s.dispatch(arch, kind), codec.dumps(payload), headers={"Nats-Msg-Id": msg_id}
+                )
+                machine.note_dispatched(build_id, ack.seq)
+            case DropDispatch(seq):
+                with contextlib.suppress(NotFoundError):
+                    await self.js.delete_msg(s.dispatch_stream, seq)
+            case SendCancel(build_id, reason):
+                body = {"build_id": build_id, "reason": reason, "requested_by": None}
+                await self.nc.publish(s.cancel(build_id), codec.dumps(body))
+
+    async def ensure_dispatch_consumer(self, arch: str, kind: str) -> None:
+        """The durable consumer of arch + kind keeps messages for runners that come later
+        (a work-queue stream keeps only what some consumer's filter covers)."""
+        if (arch, kind) in self._consumers:
+            return
+        s = self.settings.subjects
+        durable = s.dispatch_consumer(arch, kind)
+        try:
+            await self.js.consumer_info(s.dispatch_stream, durable)
+        except NotFoundError:
+            config = ConsumerConfig(
+                durable_name=durable,
+                filter_subject=s.dispatch(arch, kind),
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=DISPATCH_ACK_WAIT_S,
+                max_deliver=-1,
+            )
+            try:
+                await self.js.add_consumer(s.dispatch_stream, config)
+            except BadRequestError:
+                # A runner created it at the same moment; it is there, which is all we need.
+                await self.js.consumer_info(s.dispatch_stream, durable)
+            log.info("dispatch consumer created", extra={"consumer": durable})
+        self._consumers.add((arch, kind))

@@ -1,0 +1,316 @@
+"""The scheduler process: NATS at the edges of `machine.Machine`.
+
+Every input (submission, claim, report, cancel, timer, registry sweep) takes one lock,
+asks the machine for its decision and performs the effects before the next input is
+looked at, so the state in memory, in KV and on the event stream move together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from services.common import bus, codec, schemas
+from services.common.config import Settings
+from services.common.metrics import REJECTED, serve_metrics
+from services.scheduler.effects import Effect
+from services.scheduler.machine import Limits, Machine, refused
+from services.scheduler.metrics import ADMITTED, CLAIMS
+from services.scheduler.outbox import Outbox, PerformError
+from services.scheduler.runners import read_registry
+from services.scheduler.store import JobStore
+
+log = logging.getLogger(__name__)
+
+SUBMIT_CONSUMER = "scheduler-submit"
+REPORTS_CONSUMER = "scheduler-reports"
+TICK_S = 0.5
+SWEEP_S = 1.0
+COMPACT_S = 30.0
+FETCH_TIMEOUT_S = 1.0
+STOP_DEADLINE_S = 8.0
+
+
+class Scheduler:
+    def __init__(
+        self,
+        settings: Settings,
+        nc: Client,
+        js: JetStreamContext,
+        sched_kv: Any,
+        runners_kv: Any,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.nc = nc
+        self.js = js
+        self.runners_kv = runners_kv
+        self.clock = clock
+        self.limits = Limits.from_settings(settings)
+        self.machine = Machine(self.limits)
+        self.store = JobStore(sched_kv)
+        self.outbox = Outbox(settings, nc, js, self.store)
+        self.lock = asyncio.Lock()
+        self.stopping = asyncio.Event()
+        self.tasks: list[asyncio.Task[None]] = []
+        self._needs_reload = False
+
+    # --- life -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        s = self.settings.subjects
+        self.machine.runners = await read_registry(self.runners_kv)
+        async with self.lock:
+            await self._reload()
+        submit = await self.js.pull_subscribe(
+            s.submit, durable=SUBMIT_CONSUMER, stream=s.submit_stream
+        )
+        reports = await self.js.pull_subscribe(
+            s.reports_all, durable=REPORTS_CONSUMER, stream=s.reports_stream
+        )
+        await self.nc.subscribe(s.claim, cb=self._on_claim)
+        await self.nc.subscribe(s.control_cancel, cb=self._on_cancel)
+        self.tasks = [
+            asyncio.create_task(self._pull_loop(submit, self._on_submission), name="submissions"),
+            asyncio.create_task(self._pull_loop(reports, self._on_report), name="reports"),
+            asyncio.create_task(self._timer_loop(), name="timers"),
+            asyncio.create_task(self._registry_loop(), name="registry"),
+        ]
+        log.info("scheduler started", extra={"active_jobs": len(self.machine.jobs)})
+
+    async def stop(self) -> None:
+        """Stop taking work, let the in-flight input finish its writes, drain NATS."""
+        self.stopping.set()
+        _, pending = await asyncio.wait(self.tasks, timeout=STOP_DEADLINE_S / 2)
+        for task in pending:
+            task.cancel()
+        async with self.lock:
+            pass  # whoever held it has finished performing its effects
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.nc.drain(), STOP_DEADLINE_S / 2)
+        log.info("scheduler stopped")
+
+    def healthy(self) -> bool:
+        return self.nc.is_connected and all(not t.done() for t in self.tasks)
+
+    # --- applying decisions ---------------------------------------------------------------
+    async def _perform(self, effects: list[Effect]) -> int:
+        """Perform in order; on a failure, reload from KV (memory may be ahead of it) and
+        return how many were done. Call with the lock held."""
+        try:
+            await self.outbox.perform(effects, self.machine)
+        except PerformError as exc:
+            log.error("effect failed; state will be reloaded", exc_info=exc.__cause__)
+            self._needs_reload = True
+            return exc.done
+        return len(effects)
+
+    async def _decide(self, decide: Callable[[float], list[Effect]]) -> bool:
+        async with self.lock:
+            if self._needs_reload:
+                await self._reload()
+            effects = decide(self.clock())
+            return await self._perform(effects) == len(effects)
+
+    async def _reload(self) -> None:
+        """Take over the stored state (at start, or after a failed write). Lock held."""
+        try:
+            records = await self.store.load()
+            floor = await self._submit_ack_floor()
+        except Exception:
+            log.exception("state reload failed; will retry")
+            self._needs_reload = True
+            return
+        runners = self.machine.runners
+        self.machine = Machine(self.limits)
+        self.machine.runners = runners
+        self._needs_reload = False
+        effects = self.machine.load(records, floor, self.clock())
+        await self._perform(effects)
+
+    async def _submit_ack_floor(self) -> int:
+        s = self.settings.subjects
+        try:
+            info = await self.js.consumer_info(s.submit_stream, SUBMIT_CONSUMER)
+        except NotFoundError:
+            return 0
+        return int(info.ack_floor.stream_seq) if info.ack_floor else 0
+
+    # --- inputs ---------------------------------------------------------------------------
+    def _reject(self, msg: Msg, error: Exception) -> None:
+        REJECTED.labels(service="scheduler", subject=msg.subject).inc()
+        log.warning("message rejected", extra={"subject": msg.subject, "error": str(error)})
+
+    async def _pull_loop(self, sub: Any, handle: Callable[[Msg], Any]) -> None:
+        while not self.stopping.is_set():
+            try:
+                msgs = await sub.fetch(batch=32, timeout=FETCH_TIMEOUT_S)
+            except nats.errors.TimeoutError:
+                continue
+            except Exception:
+                # NATS is away for a moment; the durable consumer keeps our place.
+                log.warning("fetch failed", exc_info=True)
+                await asyncio.sleep(FETCH_TIMEOUT_S)
+                continue
+            for msg in msgs:
+                try:
+                    await handle(msg)
+                except Exception:
+                    log.exception("handling failed", extra={"subject": msg.subject})
+                    with contextlib.suppress(Exception):
+                        await msg.nak(delay=1)
+
+    async def _on_submission(self, msg: Msg) -> None:
+        build_id = int(msg.metadata.sequence.stream)
+        try:
+            message = schemas.decode("submit_message", msg.data)
+        except schemas.SchemaError as exc:
+            self._reject(msg, exc)
+            self.machine.note_submission(build_id)
+            await msg.term()
+            return
+        admitted: list[bool] = []
+
+        def admit(now: float) -> list[Effect]:
+            effects = self.machine.admit(build_id, message, now)
+            admitted.append(bool(effects))
+            return effects
+
+        if await self._decide(admit):
+            if admitted and admitted[0]:
+                ADMITTED.inc()
+                log.info("job admitted", extra={"build_id": build_id})
+            await msg.ack()
+        else:
+            await msg.nak(delay=1)
+
+    async def _on_report(self, msg: Msg) -> None:
+        try:
+            report = schemas.decode("report", msg.data)
+        except schemas.SchemaError as exc:
+            self._reject(msg, exc)
+            await msg.term()
+            return
+        if await self._decide(lambda now: self.machine.report(report, now)):
+            await msg.ack()
+        else:
+            await msg.nak(delay=1)
+
+    async def _on_claim(self, msg: Msg) -> None:
+        try:
+            request = schemas.decode("claim", msg.data)
+        except schemas.SchemaError as exc:
+            self._reject(msg, exc)
+            return
+        async with self.lock:
+            if self._needs_reload:
+                await self._reload()
+            reply, effects = self.machine.claim(request, self.clock())
+            done = await self._perform(effects)
+        if reply["granted"] and done == 0:
+            # The assignment never reached KV: the runner must not start.
+            reply = refused("internal")
+        CLAIMS.labels(result="granted" if reply["granted"] else "refused").inc()
+        log.info(
+            "claim",
+            extra={
+                "build_id": request["build_id"],
+                "runner_id": request["runner_id"],
+                "granted": reply["granted"],
+                "reason": reply.get("reason"),
+            },
+        )
+        await msg.respond(codec.dumps(reply))
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        try:
+            request = schemas.decode("cancel_request", msg.data)
+        except schemas.SchemaError as exc:
+            self._reject(msg, exc)
+            return
+        async with self.lock:
+            if self._needs_reload:
+                await self._reload()
+            reply, effects = self.machine.cancel(request, self.clock())
+            await self._perform(effects)
+        log.info("cancel", extra={"build_id": request["build_id"], "ok": reply["ok"]})
+        if msg.reply:
+            await msg.respond(codec.dumps(reply))
+
+    # --- timers ---------------------------------------------------------------------------
+    async def _timer_loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                await self._decide(self.machine_tick)
+            except Exception:
+                log.exception("timer tick failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), TICK_S)
+
+    def machine_tick(self, now: float) -> list[Effect]:
+        return self.machine.tick(now)
+
+    async def _registry_loop(self) -> None:
+        last_compact = self.clock()
+        while not self.stopping.is_set():
+            try:
+                await self.sweep_registry()
+                if self.clock() - last_compact >= COMPACT_S:
+                    last_compact = self.clock()
+                    await self.compact()
+            except Exception:
+                log.warning("registry sweep failed", exc_info=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), SWEEP_S)
+
+    async def sweep_registry(self) -> None:
+        runners = await read_registry(self.runners_kv)
+        await self._decide(lambda now: self.machine.observe_runners(runners, now))
+
+    async def compact(self) -> None:
+        floor = await self._submit_ack_floor()
+        await self._decide(lambda _now: self.machine.compact(floor))
+
+
+async def run(
+    settings: Settings, metrics_port: int | None, stop: asyncio.Event | None = None
+) -> None:
+    """`xoogify scheduler`: run until SIGTERM/SIGINT (or until `stop` is set, for tests)."""
+    nc = await bus.connect(settings, "scheduler")
+    js = nc.jetstream()
+    s = settings.subjects
+    await bus.ensure_streams(js, settings)
+    sched_kv = await bus.ensure_kv(js, s.sched_bucket)
+    runners_kv = await bus.ensure_kv(js, s.runners_bucket, ttl=3 * settings.heartbeat_s)
+    scheduler = Scheduler(settings, nc, js, sched_kv, runners_kv)
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    await scheduler.start()
+    server = await serve_metrics(metrics_port, scheduler.healthy) if metrics_port else None
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        # A side task that ends before we are asked to stop is a bug: stop loudly.
+        done, _ = await asyncio.wait(
+            [stopper, *scheduler.tasks], return_when=asyncio.FIRST_COMPLETED
+        )
+        for task in done:
+            if task is not stopper and task.exception() is not None:
+                raise RuntimeError(f"scheduler task {task.get_name()} died") from task.exception()
+    finally:
+        stopper.cancel()
+        await scheduler.stop()
+        if server is not None:
+            server.close()

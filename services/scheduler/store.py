@@ -1,0 +1,62 @@
+"""The scheduler's state in KV `xoogify-sched`: one key `job.<build_id>` per job that is
+active (or final but not yet compacted). Every write is a compare-and-set against the
+revision this process last saw, so two schedulers cannot silently overwrite each other."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from services.common import codec
+from services.scheduler.jobs import JobRecord
+
+log = logging.getLogger(__name__)
+
+
+def job_key(build_id: int) -> str:
+    return f"job.{build_id}"
+
+
+class JobStore:
+    def __init__(self, kv: Any) -> None:
+        self.kv = kv
+        self.revisions: dict[int, int] = {}
+
+    async def load(self) -> list[JobRecord]:
+        """Every stored job, with the revisions to compare against from now on."""
+        self.revisions.clear()
+        records: list[JobRecord] = []
+        watcher = await self.kv.watch("job.*", ignore_deletes=True)
+        try:
+            while True:
+                entry = await watcher.updates(timeout=10.0)
+                if entry is None:
+                    break
+                if entry.operation is None and entry.value:
+                    try:
+                        rec = JobRecord.from_value(codec.loads(entry.value))
+                    except (ValueError, KeyError, TypeError) as exc:
+                        log.error(
+                            "unreadable job record", extra={"key": entry.key, "error": repr(exc)}
+                        )
+                    else:
+                        records.append(rec)
+                        self.revisions[rec.build_id] = entry.revision
+                if not entry.delta:
+                    break
+        finally:
+            await watcher.stop()
+        return records
+
+    async def save(self, build_id: int, value: dict[str, Any]) -> None:
+        data = codec.dumps(value)
+        last = self.revisions.get(build_id)
+        if last is None:
+            revision = await self.kv.create(job_key(build_id), data)
+        else:
+            revision = await self.kv.update(job_key(build_id), data, last=last)
+        self.revisions[build_id] = int(revision)
+
+    async def delete(self, build_id: int) -> None:
+        await self.kv.delete(job_key(build_id))
+        self.revisions.pop(build_id, None)
