@@ -74,6 +74,7 @@ class Stack:
             stderr=subprocess.STDOUT,
             preexec_fn=pdeathsig_preexec,
         )
+        out.close()  # the child has its own copy
         self.procs[name] = proc
         return proc
 
