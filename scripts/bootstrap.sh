@@ -1,7 +1,7 @@
-# Sourced by ./xoogify and ./run-tests: make sure .venv holds this project and its tools.
-# Installs on the first run and again whenever pyproject.toml changes; needs only Python 3.11+.
+# Sourced by ./xoogify, ./run-tests and .ci/run (which set $root to the checkout first):
+# make sure .venv holds this project and its tools. Installs on the first run and again
+# whenever pyproject.toml changes; needs only Python 3.11+.
 set -e
-root=$(cd "$(dirname "$0")" && pwd)
 venv="${XOOGIFY_VENV:-$root/.venv}"
 python="${PYTHON:-python3}"
 if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
