@@ -64,6 +64,7 @@ class Scheduler:
         self.lock = asyncio.Lock()
         self.stopping = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
+        self._pulls: list[Any] = []
         self._needs_reload = False
 
     # --- life -----------------------------------------------------------------------------
@@ -78,6 +79,7 @@ class Scheduler:
         reports = await self.js.pull_subscribe(
             s.reports_all, durable=REPORTS_CONSUMER, stream=s.reports_stream
         )
+        self._pulls = [submit, reports]
         await self.nc.subscribe(s.claim, cb=self._on_claim)
         await self.nc.subscribe(s.control_cancel, cb=self._on_cancel)
         self.tasks = [
@@ -96,6 +98,11 @@ class Scheduler:
             task.cancel()
         async with self.lock:
             pass  # whoever held it has finished performing its effects
+        # A pull subscription may hold a late reply to its last fetch that nobody will
+        # read; draining would wait for it forever. Unacked messages come back anyway.
+        for sub in self._pulls:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.nc.drain(), STOP_DEADLINE_S / 2)
         log.info("scheduler stopped")
@@ -155,7 +162,7 @@ class Scheduler:
         while not self.stopping.is_set():
             try:
                 msgs = await sub.fetch(batch=32, timeout=FETCH_TIMEOUT_S)
-            except nats.errors.TimeoutError:
+            except (nats.errors.TimeoutError, TimeoutError):
                 continue
             except Exception:
                 # NATS is away for a moment; the durable consumer keeps our place.
