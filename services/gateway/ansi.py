@@ -108,14 +108,14 @@ def _clean(text: str) -> str:
 def parse(text: str, style: Style | None = None) -> tuple[list[Segment], Style]:
     """Split `text` into styled segments; also return the style in force at its end, to
     carry on with the next piece."""
-    style = style or Style()
+    current = style or Style()
     segments: list[Segment] = []
 
     def emit(piece: str) -> None:
         piece = _clean(piece)
         if not piece:
             return
-        classes = style.classes()
+        classes = current.classes()
         if segments and segments[-1].classes == classes:
             segments[-1] = Segment(classes, segments[-1].text + piece)
         else:
@@ -126,11 +126,11 @@ def parse(text: str, style: Style | None = None) -> tuple[list[Segment], Style]:
         emit(text[pos : match.start()])
         pos = match.end()
         if match.group(2) == "m":
-            style = apply_sgr(style, match.group(1))
+            current = apply_sgr(current, match.group(1))
     rest = text[pos:]
     # A sequence cut at the end of the text is dropped rather than shown.
     cut = rest.rfind("\x1b")
     if cut != -1 and "\n" not in rest[cut:]:
         rest = rest[:cut]
     emit(rest)
-    return segments, style
+    return segments, current

@@ -1,19 +1,187 @@
-"""Websocket fan-out hub (placeholder: the live part of the gateway replaces it)."""
+"""The websocket fan-out hub: one ordered consumer on the events stream, live only, and a
+bounded queue per socket (see `live_client.LiveClient`).
+
+Each event is validated and encoded once, then offered to every socket without awaiting,
+so a slow socket never slows the hub or anyone else. A watchdog restarts the ordered
+consumer from `last_seq + 1` when it stops delivering (nats-py may not recreate it after a
+NATS restart).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from prometheus_client import Counter, Gauge
+
+from services.common.metrics import REJECTED
+from services.common.schemas import SchemaError
+from services.common.status import is_final
 from services.gateway.context import GatewayContext
+from services.gateway.live_client import Item, LiveClient, make_item
+
+log = logging.getLogger(__name__)
+
+WS_CLIENTS = Gauge("xoogify_gateway_ws_clients", "Websockets connected to this gateway")
+WS_RESYNCS = Counter("xoogify_gateway_ws_resyncs_total", "Websockets sent `resync`")
+HUB_RESTARTS = Counter(
+    "xoogify_gateway_hub_restarts_total", "Times the watchdog restarted the hub's consumer"
+)
 
 
 class Hub:
     """Follows the events stream once and fans updates out to every websocket."""
 
-    def __init__(self, ctx: GatewayContext) -> None:
+    def __init__(
+        self,
+        ctx: GatewayContext,
+        *,
+        queue_limit: int = 1000,
+        buffer_limit: int = 20_000,
+        stall_timeout: float = 30.0,
+        watchdog_interval: float = 1.0,
+    ) -> None:
         self.ctx = ctx
         self.last_seq = 0
+        # Tunables read when a socket connects (tests lower them).
+        self.queue_limit = queue_limit
+        self.buffer_limit = buffer_limit
+        self.stall_timeout = stall_timeout
+        self.watchdog_interval = watchdog_interval
+        self.clients: set[LiveClient] = set()
+        self.rejected = 0
+        self.restarts = 0
+        self._sub: Any = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._final_waiters: dict[int, set[asyncio.Future[str]]] = {}
 
+    # --- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
-        return None
+        info = await self.ctx.js.stream_info(self.ctx.settings.subjects.events_stream)
+        # Live only: whatever is already in the stream is the snapshot's or a replay's job.
+        self.last_seq = info.state.last_seq
+        await self._subscribe()
+        self._watchdog = asyncio.create_task(self._watch(), name="hub-watchdog")
 
     async def stop(self) -> None:
-        return None
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+        await self._unsubscribe()
+        for waiters in self._final_waiters.values():
+            for fut in waiters:
+                fut.cancel()
+        self._final_waiters.clear()
+
+    async def _subscribe(self) -> None:
+        subjects = self.ctx.settings.subjects
+        self._sub = await self.ctx.js.subscribe(
+            subjects.events_filter(),
+            stream=subjects.events_stream,
+            cb=self._on_msg,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            config=ConsumerConfig(opt_start_seq=self.last_seq + 1),
+            idle_heartbeat=2.0,
+        )
+
+    async def _unsubscribe(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _watch(self) -> None:
+        """Restart the consumer when the stream holds events it has not delivered for a
+        whole interval without progress."""
+        stream = self.ctx.settings.subjects.events_stream
+        behind_target: int | None = None
+        seen = self.last_seq
+        while True:
+            await asyncio.sleep(self.watchdog_interval)
+            if not self.ctx.nc.is_connected:
+                continue
+            try:
+                info = await self.ctx.js.stream_info(stream)
+            except Exception as exc:
+                log.warning("hub watchdog: stream info failed", extra={"error": repr(exc)})
+                continue
+            stuck = (
+                behind_target is not None
+                and self.last_seq < behind_target
+                and self.last_seq == seen
+            )
+            if stuck:
+                await self.restart("no delivery while the stream is ahead")
+            seen = self.last_seq
+            last = info.state.last_seq
+            behind_target = last if last > self.last_seq else None
+
+    async def restart(self, why: str) -> None:
+        log.warning("hub consumer restarted", extra={"reason": why, "from_seq": self.last_seq + 1})
+        self.restarts += 1
+        HUB_RESTARTS.inc()
+        await self._unsubscribe()
+        try:
+            await self._subscribe()
+        except Exception as exc:
+            # The next watchdog round tries again.
+            log.warning("hub resubscribe failed", extra={"error": repr(exc)})
+
+    # --- events ------------------------------------------------------------------------
+    async def _on_msg(self, msg: Msg) -> None:
+        self.dispatch(msg.metadata.sequence.stream, msg.subject, msg.data)
+
+    def dispatch(self, stream_seq: int, subject: str, data: bytes) -> None:
+        """Offer one stream event to every socket. Never awaits."""
+        if stream_seq <= self.last_seq:
+            return  # already dispatched (a restarted consumer may overlap)
+        self.last_seq = stream_seq
+        try:
+            item = make_item(stream_seq, data)
+        except SchemaError as exc:
+            self.rejected += 1
+            REJECTED.labels("gateway", self.ctx.settings.subjects.events_filter()).inc()
+            log.warning(
+                "bad job event skipped",
+                extra={"subject": subject, "stream_seq": stream_seq, "error": str(exc)},
+            )
+            return
+        self.fan_out(item)
+
+    def fan_out(self, item: Item) -> None:
+        for client in self.clients:
+            client.offer(item)
+        if is_final(item.job["status"]):
+            for fut in self._final_waiters.pop(item.build_id, set()):
+                if not fut.done():
+                    fut.set_result(item.job["status"])
+
+    # --- sockets -----------------------------------------------------------------------
+    def register(self) -> LiveClient:
+        client = LiveClient(queue_limit=self.queue_limit, buffer_limit=self.buffer_limit)
+        self.clients.add(client)
+        WS_CLIENTS.set(len(self.clients))
+        return client
+
+    def unregister(self, client: LiveClient) -> None:
+        self.clients.discard(client)
+        WS_CLIENTS.set(len(self.clients))
+
+    def final_status(self, build_id: int) -> asyncio.Future[str]:
+        """A future set to the job's status when the hub sees it become final."""
+        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._final_waiters.setdefault(build_id, set()).add(fut)
+        return fut
+
+    def forget_final(self, build_id: int, fut: asyncio.Future[str]) -> None:
+        waiters = self._final_waiters.get(build_id)
+        if waiters is not None:
+            waiters.discard(fut)
+            if not waiters:
+                del self._final_waiters[build_id]

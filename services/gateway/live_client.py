@@ -124,7 +124,7 @@ def merge(replayed: Iterable[Item], buffered: Iterable[Item], window: ReplayWind
     return out
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the hub keeps clients in a set
 class LiveClient:
     """A websocket's queue. The hub calls `offer` for every event; the socket's sender
     takes frames with `take`. Nothing here ever awaits, so one slow socket cannot hold up

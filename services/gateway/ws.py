@@ -1,11 +1,247 @@
-"""The `/ws` endpoint (placeholder: the live part of the gateway replaces it)."""
+"""The `/ws` endpoint: `hello`, live job updates from the hub, `filter` with a `since`
+replay, and `follow_logs` (CONTRACT.md, "WebSocket /ws").
+
+One session per socket: a reader for client messages, a sender that drains the socket's
+hub queue into `jobs` frames whenever the socket is idle, an optional replay task and a
+task per followed log. Every send goes through one lock with a deadline: a client that
+stops reading altogether is closed with 1013.
+"""
 
 from __future__ import annotations
 
-from starlette.websockets import WebSocket
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from services.common import codec
+from services.common.filters import JobFilter
+from services.common.metrics import REJECTED
+from services.common.schemas import SchemaError
+from services.gateway.context import GatewayContext
+from services.gateway.event_replay import first_seq, replay_start, stored_events
+from services.gateway.hub import WS_RESYNCS, Hub
+from services.gateway.live_client import LiveClient, ReplayWindow, jobs_frame, make_item
+from services.gateway.log_follow import LogFollower
+from services.gateway.ws_messages import (
+    ClientMessageError,
+    FilterMsg,
+    FollowLogsMsg,
+    UnfollowLogsMsg,
+    parse,
+)
+
+log = logging.getLogger(__name__)
+
+CLOSE_TRY_AGAIN_LATER = 1013
+MAX_FOLLOWS = 32
+CLOSE_WAIT_S = 10.0
+
+
+class Stalled(Exception):
+    """The client did not take a frame within the stall timeout."""
+
+
+class Connection:
+    """Serialises sends to one socket and notices a client that stopped reading."""
+
+    def __init__(self, websocket: WebSocket, stall_timeout: float) -> None:
+        self.websocket = websocket
+        self.stall_timeout = stall_timeout
+        self.stalled = asyncio.Event()
+        self._lock = asyncio.Lock()
+
+    async def send(self, text: str) -> None:
+        if self.stalled.is_set():
+            raise Stalled()
+        async with self._lock:
+            try:
+                await asyncio.wait_for(self.websocket.send_text(text), self.stall_timeout)
+            except TimeoutError:
+                self.stalled.set()
+                raise Stalled() from None
+
+    async def send_json(self, value: dict[str, Any]) -> None:
+        await self.send(codec.dumps_str(value))
+
+
+class Session:
+    def __init__(self, ctx: GatewayContext, hub: Hub, websocket: WebSocket) -> None:
+        self.ctx = ctx
+        self.hub = hub
+        self.websocket = websocket
+        self.conn = Connection(websocket, hub.stall_timeout)
+        self.client: LiveClient = hub.register()
+        self.replay: asyncio.Task[None] | None = None
+        self.follows: dict[int, asyncio.Task[None]] = {}
+
+    async def run(self) -> None:
+        # Registered before reading last_seq, in one step: nothing after it is missed.
+        await self.conn.send_json({"type": "hello", "watermark": self.hub.last_seq})
+        reader = asyncio.create_task(self._read(), name="ws-reader")
+        sender = asyncio.create_task(self._send_jobs(), name="ws-sender")
+        stalled = asyncio.create_task(self.conn.stalled.wait(), name="ws-stalled")
+        try:
+            await asyncio.wait({reader, sender, stalled}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            tasks = [reader, sender, stalled, *self.follows.values()]
+            if self.replay is not None:
+                tasks.append(self.replay)
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        if self.conn.stalled.is_set():
+            log.info("closing a websocket that stopped reading")
+            # Off the hub at once; the close frame waits behind the unread backlog, so give
+            # the client a while to read up to it before the connection is dropped.
+            self.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(
+                    self.websocket.close(CLOSE_TRY_AGAIN_LATER, "client is not reading"),
+                    CLOSE_WAIT_S,
+                )
+
+    def close(self) -> None:
+        self.hub.unregister(self.client)
+
+    # --- server → client ---------------------------------------------------------------
+    async def _send_jobs(self) -> None:
+        client = self.client
+        while True:
+            await client.wake.wait()
+            client.wake.clear()
+            reason = client.take_resync()
+            if reason is not None:
+                WS_RESYNCS.inc()
+                await self.conn.send_json({"type": "resync", "reason": reason})
+            while items := client.take():
+                await self.conn.send(jobs_frame(items))
+
+    async def _error(self, message: str) -> None:
+        await self.conn.send_json({"type": "error", "message": message})
+
+    # --- client → server ---------------------------------------------------------------
+    async def _read(self) -> None:
+        while True:
+            try:
+                message = await self.websocket.receive()
+            except WebSocketDisconnect:
+                return
+            if message["type"] == "websocket.disconnect":
+                return
+            raw = message.get("text")
+            if raw is None:
+                raw = message.get("bytes") or b""
+            try:
+                parsed = parse(raw)
+            except ClientMessageError as exc:
+                await self._error(str(exc))
+                continue
+            if isinstance(parsed, FilterMsg):
+                self._set_filter(parsed.filter, parsed.since)
+            elif isinstance(parsed, FollowLogsMsg):
+                await self._follow(parsed.build_id, parsed.offset)
+            elif isinstance(parsed, UnfollowLogsMsg):
+                task = self.follows.pop(parsed.build_id, None)
+                if task is not None:
+                    task.cancel()
+
+    def _set_filter(self, flt: JobFilter, since: int | None) -> None:
+        if self.replay is not None:
+            self.replay.cancel()
+            self.replay = None
+        # No await from here to the task's creation: the switch point and the start of
+        # buffering are the same instant for the hub.
+        self.client.set_filter(flt)
+        if since is None:
+            return
+        self.client.begin_replay()
+        window = ReplayWindow(since, self.hub.last_seq)
+        self.replay = asyncio.create_task(
+            self._replay(flt, window, self.client.generation), name="ws-replay"
+        )
+
+    async def _replay(self, flt: JobFilter, window: ReplayWindow, generation: int) -> None:
+        client = self.client
+        subjects = self.ctx.settings.subjects
+        try:
+            start = replay_start(window.since, await first_seq(self.ctx.js, subjects))
+            if start.gap:
+                await self.conn.send_json(
+                    {"type": "gap", "requested": window.since, "first_available": start.start}
+                )
+            subject_filter = subjects.events_filter(flt.organization, flt.environment)
+            events = stored_events(
+                self.ctx.js, subjects, subject_filter, start.start, window.switch
+            )
+            async for seq, subject, data in events:
+                if client.generation != generation:
+                    return
+                try:
+                    item = make_item(seq, data)
+                except SchemaError:
+                    REJECTED.labels("gateway", subjects.events_filter()).inc()
+                    log.warning("bad job event skipped in replay", extra={"subject": subject})
+                    continue
+                # Wait for room rather than overflow: a replay goes at the client's pace,
+                # while live items wait in the (bounded) buffer.
+                while not client.room():
+                    client.space.clear()
+                    await client.space.wait()
+                    if client.generation != generation:
+                        return
+                client.add_replayed(item)
+            if client.generation == generation:
+                client.end_replay(window)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("replay failed", extra={"error": repr(exc)})
+            if client.generation == generation:
+                client.overflow("replay failed; take a snapshot and resync")
+
+    async def _follow(self, build_id: int, offset: int) -> None:
+        old = self.follows.pop(build_id, None)
+        if old is not None:
+            old.cancel()
+        if len(self.follows) >= MAX_FOLLOWS:
+            await self._error(f"at most {MAX_FOLLOWS} logs can be followed at once")
+            return
+        follower = LogFollower(self.ctx, self.conn.send, build_id, offset)
+        task = asyncio.create_task(self._run_follow(follower), name=f"ws-log-{build_id}")
+        self.follows[build_id] = task
+
+    async def _run_follow(self, follower: LogFollower) -> None:
+        try:
+            await follower.run()
+        except (asyncio.CancelledError, Stalled):
+            raise
+        except Exception as exc:
+            log.warning(
+                "log follow failed", extra={"build_id": follower.build_id, "error": repr(exc)}
+            )
+            with contextlib.suppress(Stalled):
+                await self._error(f"following the log of {follower.build_id} failed")
+        finally:
+            if self.follows.get(follower.build_id) is asyncio.current_task():
+                del self.follows[follower.build_id]
 
 
 async def websocket_endpoint(websocket: WebSocket) -> None:
+    ctx: GatewayContext = websocket.app.state.ctx
+    hub = ctx.hub
     await websocket.accept()
-    await websocket.send_json({"type": "hello", "watermark": 0})
-    await websocket.close()
+    if hub is None:
+        await websocket.close(CLOSE_TRY_AGAIN_LATER, "gateway is starting")
+        return
+    session = Session(ctx, hub, websocket)
+    try:
+        await session.run()
+    except (WebSocketDisconnect, Stalled):
+        pass
+    finally:
+        session.close()

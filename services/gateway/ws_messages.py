@@ -1,0 +1,122 @@
+"""Client → server messages of `/ws`, checked before use: a malformed one becomes a
+`ClientMessageError` (answered with an `error` frame), never a crash.
+
+Organization and environment become NATS subject tokens (the replay's subject filter), so
+they must be names: a `*`, `>` or `.` in them would widen the filter.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from services.common import codec
+from services.common.filters import JobFilter
+from services.common.status import ACTIONS, Status
+
+NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+MODULE_TYPE = re.compile(r"^[a-z0-9]{1,32}/[a-z0-9][a-z0-9_-]{0,31}$")
+MAX_MESSAGE = 16 * 1024
+MAX_Q = 200
+
+_FILTER_KEYS = {
+    "organization",
+    "environment",
+    "status",
+    "action",
+    "module_type",
+    "module_name",
+    "q",
+    "since",
+}
+
+
+class ClientMessageError(ValueError):
+    """A client message that cannot be used; the text says why."""
+
+
+@dataclass(frozen=True)
+class FilterMsg:
+    filter: JobFilter
+    since: int | None
+
+
+@dataclass(frozen=True)
+class FollowLogsMsg:
+    build_id: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class UnfollowLogsMsg:
+    build_id: int
+
+
+ClientMessage = FilterMsg | FollowLogsMsg | UnfollowLogsMsg
+
+
+def _int(value: Any, name: str, minimum: int) -> int:
+    # bool is an int in Python; JSON true is not a sequence number.
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ClientMessageError(f"{name} must be an integer >= {minimum}")
+    return value
+
+
+def _optional_str(body: dict[str, Any], key: str) -> str | None:
+    value = body.get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ClientMessageError(f"{key} must be a string")
+    return value
+
+
+def _parse_filter(body: dict[str, Any]) -> FilterMsg:
+    unknown = sorted(set(body) - _FILTER_KEYS - {"type"})
+    if unknown:
+        raise ClientMessageError(f"unknown filter keys: {', '.join(unknown)}")
+    values = {key: _optional_str(body, key) for key in _FILTER_KEYS - {"since"}}
+    for key in ("organization", "environment", "module_name"):
+        value = values[key]
+        if value is not None and not NAME.match(value):
+            raise ClientMessageError(f"{key} is not a valid name")
+    module_type = values["module_type"]
+    if module_type is not None and not MODULE_TYPE.match(module_type):
+        raise ClientMessageError("module_type must be <arch>/<kind>")
+    status = values["status"]
+    if status is not None and status not in {s.value for s in Status}:
+        raise ClientMessageError(f"status must be one of {', '.join(s.value for s in Status)}")
+    action = values["action"]
+    if action is not None and action not in ACTIONS:
+        raise ClientMessageError(f"action must be one of {', '.join(ACTIONS)}")
+    q = values["q"]
+    if q is not None and len(q) > MAX_Q:
+        raise ClientMessageError(f"q is longer than {MAX_Q} characters")
+    since = body.get("since")
+    return FilterMsg(
+        JobFilter.from_mapping(values), None if since is None else _int(since, "since", 0)
+    )
+
+
+def parse(raw: str | bytes) -> ClientMessage:
+    if len(raw) > MAX_MESSAGE:
+        raise ClientMessageError("message too large")
+    try:
+        body = codec.loads(raw)
+    except ValueError:
+        raise ClientMessageError("not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ClientMessageError("a message is a JSON object")
+    kind = body.get("type")
+    if kind == "filter":
+        return _parse_filter(body)
+    if kind == "follow_logs":
+        offset = body.get("offset", 0)
+        return FollowLogsMsg(
+            _int(body.get("build_id"), "build_id", 1),
+            _int(0 if offset is None else offset, "offset", 0),
+        )
+    if kind == "unfollow_logs":
+        return UnfollowLogsMsg(_int(body.get("build_id"), "build_id", 1))
+    raise ClientMessageError("type must be filter, follow_logs or unfollow_logs")
