@@ -30,6 +30,9 @@ class PublishEvent:
     environment: str
     build_id: int
     payload: dict[str, Any]
+    # After a restart: publish only if the stream's last event of the job is another one
+    # (the duplicate window is only minutes; a repeat would be a second stored message).
+    repair: bool = False
 
     @property
     def status(self) -> str:

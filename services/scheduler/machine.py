@@ -85,7 +85,7 @@ class Machine:
                 self.finished.add(rec.build_id)
             else:
                 self.jobs[rec.build_id] = rec
-            effects.append(self._publish(rec))
+            effects.append(self._publish(rec, repair=True))
         for workspace in sorted({r.workspace for r in self.jobs.values() if r.mutating}):
             effects += self._requeue(workspace, now)
         for rec in sorted(self.jobs.values(), key=lambda r: r.build_id):
@@ -304,6 +304,8 @@ class Machine:
         return effects
 
     @staticmethod
-    def _publish(rec: JobRecord) -> PublishEvent:
+    def _publish(rec: JobRecord, repair: bool = False) -> PublishEvent:
         job = rec.job
-        return PublishEvent(job["organization"], job["environment"], rec.build_id, rec.event())
+        return PublishEvent(
+            job["organization"], job["environment"], rec.build_id, rec.event(), repair
+        )

@@ -63,9 +63,12 @@ class Outbox:
                 await self.store.save(build_id, value)
             case DeleteJob(build_id):
                 await self.store.delete(build_id)
-            case PublishEvent(organization, environment, build_id, payload):
+            case PublishEvent(organization, environment, build_id, payload, repair):
+                subject = s.event(organization, environment, build_id)
+                if repair and await self._last_event_id(subject) == payload["event_id"]:
+                    return
                 ack = await self.js.publish(
-                    s.event(organization, environment, build_id),
+                    subject,
                     codec.dumps(payload),
                     headers={"Nats-Msg-Id": payload["event_id"]},
                 )
@@ -83,6 +86,13 @@ class Outbox:
             case SendCancel(build_id, reason):
                 body = {"build_id": build_id, "reason": reason, "requested_by": None}
                 await self.nc.publish(s.cancel(build_id), codec.dumps(body))
+
+    async def _last_event_id(self, subject: str) -> str | None:
+        try:
+            msg = await self.js.get_last_msg(self.settings.subjects.events_stream, subject)
+        except NotFoundError:
+            return None
+        return str(codec.loads(msg.data or b"{}").get("event_id"))
 
     async def ensure_dispatch_consumer(self, arch: str, kind: str) -> None:
         """The durable consumer of arch + kind keeps messages for runners that come later

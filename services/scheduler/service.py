@@ -38,6 +38,7 @@ REPORTS_CONSUMER = "scheduler-reports"
 TICK_S = 0.5
 SWEEP_S = 1.0
 COMPACT_S = 30.0
+PURGE_TOMBSTONES_S = 600.0
 FETCH_TIMEOUT_S = 1.0
 STOP_DEADLINE_S = 8.0
 
@@ -268,13 +269,16 @@ class Scheduler:
         return self.machine.tick(now)
 
     async def _registry_loop(self) -> None:
-        last_compact = self.clock()
+        last_compact = last_purge = self.clock()
         while not self.stopping.is_set():
             try:
                 await self.sweep_registry()
                 if self.clock() - last_compact >= COMPACT_S:
                     last_compact = self.clock()
                     await self.compact()
+                if self.clock() - last_purge >= PURGE_TOMBSTONES_S:
+                    last_purge = self.clock()
+                    await self.store.purge_tombstones()
             except Exception:
                 log.warning("registry sweep failed", exc_info=True)
             with contextlib.suppress(TimeoutError):

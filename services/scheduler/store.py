@@ -60,3 +60,7 @@ class JobStore:
     async def delete(self, build_id: int) -> None:
         await self.kv.delete(job_key(build_id))
         self.revisions.pop(build_id, None)
+
+    async def purge_tombstones(self, older_than_s: int = 30 * 60) -> None:
+        """Deleted keys leave a marker each; drop old ones so the bucket does not grow."""
+        await self.kv.purge_deletes(olderthan=older_than_s)

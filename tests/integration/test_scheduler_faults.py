@@ -54,6 +54,11 @@ async def test_restart_keeps_jobs_without_second_dispatch(h: Harness) -> None:
         assert (await h.claim(running, "runner-2"))["reason"] == "taken"
         assert (await h.claim(waiting, "runner-2"))["reason"] == "queued"
         assert (await h.claim(plan, "runner-2"))["granted"]
+        # The restart republished nothing: anything it had would be on the stream before
+        # the plan's WORKING event.
+        await h.events.status(plan, "WORKING")
+        assert [e["seq"] for e in h.events.of(running)] == [1, 2]
+        assert [e["seq"] for e in h.events.of(waiting)] == [1]
 
         await h.report(running, "runner-1", exit_code=0)
         await h.events.status(running, "SUCCESS")

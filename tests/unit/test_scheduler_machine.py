@@ -225,6 +225,7 @@ def test_restart_reloads_and_repairs_without_a_second_job() -> None:
     effects = fresh.load([JobRecord.from_value(v) for v in kv.values()], ack_floor=2, now=T0 + 5)
     # The current events are republished (deduplicated by Nats-Msg-Id) ...
     assert sorted(e["event_id"] for e in events(effects)) == ["1-2", "2-1"]
+    assert all(e.repair for e in effects if isinstance(e, PublishEvent))
     # ... and only the unclaimed job is dispatched again, with the same Nats-Msg-Id.
     assert [d.msg_id for d in dispatches(effects)] == ["dispatch-2-1"]
     assert fresh.admit(1, submission(), T0) == [] and fresh.admit(2, submission(), T0) == []
