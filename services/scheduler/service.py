@@ -25,7 +25,7 @@ from services.common import bus, codec, schemas
 from services.common.config import Settings
 from services.common.metrics import REJECTED, serve_metrics
 from services.scheduler.effects import Effect
-from services.scheduler.machine import Limits, Machine, refused
+from services.scheduler.machine import Limits, Machine
 from services.scheduler.metrics import ADMITTED, CLAIMS
 from services.scheduler.outbox import Outbox, PerformError
 from services.scheduler.runners import read_registry
@@ -123,10 +123,16 @@ class Scheduler:
             return exc.done
         return len(effects)
 
+    async def _ready(self) -> bool:
+        """Memory matches KV (reloading it if a write failed). Call with the lock held."""
+        if self._needs_reload:
+            await self._reload()
+        return not self._needs_reload
+
     async def _decide(self, decide: Callable[[float], list[Effect]]) -> bool:
         async with self.lock:
-            if self._needs_reload:
-                await self._reload()
+            if not await self._ready():
+                return False
             effects = decide(self.clock())
             return await self._perform(effects) == len(effects)
 
@@ -221,13 +227,14 @@ class Scheduler:
             self._reject(msg, exc)
             return
         async with self.lock:
-            if self._needs_reload:
-                await self._reload()
+            if not await self._ready():
+                return  # no answer: the runner naks the message and asks again
             reply, effects = self.machine.claim(request, self.clock())
             done = await self._perform(effects)
         if reply["granted"] and done == 0:
-            # The assignment never reached KV: the runner must not start.
-            reply = refused("internal")
+            # The assignment never reached KV: the runner must not start, and must not drop
+            # the message either (a refusal would), so it hears nothing and asks again.
+            return
         CLAIMS.labels(result="granted" if reply["granted"] else "refused").inc()
         log.info(
             "claim",
@@ -247,8 +254,8 @@ class Scheduler:
             self._reject(msg, exc)
             return
         async with self.lock:
-            if self._needs_reload:
-                await self._reload()
+            if not await self._ready():
+                return  # the gateway times out and says the scheduler is unavailable
             reply, effects = self.machine.cancel(request, self.clock())
             await self._perform(effects)
         log.info("cancel", extra={"build_id": request["build_id"], "ok": reply["ok"]})

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import nats.errors
 import pytest
 
 from services.common import codec
@@ -133,3 +134,20 @@ async def test_process_serves_metrics_and_stops_on_sigterm(
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+
+
+async def test_lost_compare_and_set_reloads_state(h: Harness) -> None:
+    """Another writer touched a job's record: our next write to it fails, nothing is
+    granted on a stale view, state is reloaded from KV and the retry works."""
+    async with FakeRunner(h, "runner-1"):
+        build_id = await h.submit(submission())
+        await h.events.status(build_id, "IN-PROGRESS")
+        kv = await h.js.key_value(h.s.sched_bucket)
+        entry = await kv.get(f"job.{build_id}")
+        await kv.put(f"job.{build_id}", entry.value)  # same content, new revision
+
+        with pytest.raises(nats.errors.TimeoutError):
+            await h.claim(build_id, "runner-1")  # CAS lost: no answer, the runner retries
+        assert (await h.claim(build_id, "runner-1"))["granted"]
+        working = await h.events.status(build_id, "WORKING")
+    assert working["seq"] == 2 and [e["seq"] for e in h.events.of(build_id)] == [1, 2]
