@@ -41,6 +41,12 @@ def wait_for_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | Non
     raise TimeoutError(f"nothing answered on 127.0.0.1:{port} within {timeout}s")
 
 
+def _close_parent_copy(out: object) -> None:
+    """The child holds its own copy of the log file; ours would leak (a ResourceWarning)."""
+    if hasattr(out, "close"):
+        out.close()
+
+
 def _stop(proc: subprocess.Popen[bytes] | None, sig: int, timeout: float) -> None:
     if proc is None or proc.poll() is not None:
         return
@@ -87,6 +93,7 @@ class EmbeddedNats:
         self.proc = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=pdeathsig_preexec
         )
+        _close_parent_copy(out)
         wait_for_port(self.port, timeout, self.proc)
         return self
 
@@ -180,6 +187,7 @@ class EmbeddedPostgres:
             user=uid,
             group=gid,
         )
+        _close_parent_copy(out)
         wait_for_port(self.port, timeout, self.proc)
         asyncio.run(self._create_database(timeout))
         return self
