@@ -62,7 +62,10 @@ class LogStream:
 
     async def _stop_ticker(self) -> None:
         if self._ticker is not None:
-            self._ticker.cancel()
+            # Never cancel it in the middle of a flush: a chunk sent but not yet counted
+            # would leave the next offset wrong.
+            async with self._lock:
+                self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
             self._ticker = None
@@ -112,12 +115,14 @@ class LogStream:
                 self._closed = True
 
     async def _publish(self, data: str, eof: bool) -> None:
-        chunk = {"build_id": self._build_id, "offset": self.offset, "data": data, "eof": eof}
-        # The msg id makes a retried publish (ack lost, NATS blip) one chunk in the stream.
-        msg_id = f"log-{self._build_id}-{self._attempt}-{self.offset}-{int(eof)}"
-        headers = {"Nats-Msg-Id": msg_id}
-        await publish_until_acked(self._js, self._subject, codec.dumps(chunk), headers)
+        offset = self.offset
+        # Counted before the await: if this publish is ever interrupted, later chunks may
+        # leave a gap but never overlap this one.
         self.offset += utf8_len(data)
+        chunk = {"build_id": self._build_id, "offset": offset, "data": data, "eof": eof}
+        # The msg id makes a retried publish (ack lost, NATS blip) one chunk in the stream.
+        headers = {"Nats-Msg-Id": f"log-{self._build_id}-{self._attempt}-{offset}-{int(eof)}"}
+        await publish_until_acked(self._js, self._subject, codec.dumps(chunk), headers)
 
     async def close(self) -> None:
         """End of the job: publish everything left and the eof chunk, acked."""

@@ -88,7 +88,9 @@ class Registry:
         while True:
             await asyncio.sleep(self.heartbeat_s)
             try:
-                await self.put()
+                # A put stuck on a dead connection must not outlive the TTL unnoticed.
+                async with asyncio.timeout(max(self.heartbeat_s, 1.0)):
+                    await self.put()
             except (NatsError, TimeoutError) as exc:
                 silent = time.monotonic() - self._last_ok
                 log.warning("heartbeat failed", extra={"error": repr(exc), "silent_s": silent})

@@ -116,6 +116,7 @@ class RunnerService:
         )
         await registry.put()
         worker = Worker(nc, js, settings, registry, self.drain_timeout_s)
+        await worker.subscribe()
         self._registry, self._worker = registry, worker
         log.info(
             "runner registered",
@@ -140,14 +141,17 @@ class RunnerService:
 
 
 async def _drain(nc: Client) -> None:
+    """Drain NATS (flushes what is queued); just close if the connection is already gone."""
     if nc.is_closed:
         return
-    try:
-        await nc.drain()
-    except (NatsError, TimeoutError) as exc:
-        log.warning("nats drain failed", extra={"error": repr(exc)})
-        with contextlib.suppress(NatsError, TimeoutError):
-            await nc.close()
+    if nc.is_connected:
+        try:
+            await nc.drain()
+            return
+        except (NatsError, TimeoutError, OSError) as exc:
+            log.warning("nats drain failed", extra={"error": repr(exc)})
+    with contextlib.suppress(NatsError, TimeoutError, OSError):
+        await nc.close()
 
 
 async def run(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 from typing import Any
 
 from nats.aio.client import Client
@@ -57,6 +58,7 @@ class Worker:
         self._drain_timer: asyncio.TimerHandle | None = None
         self._deadline_passed = False
         self.jobs_run = 0
+        self._subs: list[JetStreamContext.PullSubscription] = []
 
     @property
     def stopping(self) -> bool:
@@ -80,11 +82,17 @@ class Worker:
         why = f"runner shutting down (drain deadline of {self._drain_timeout_s:g}s)"
         stop.stop(Reason.CANCELLED, why)
 
-    async def run(self) -> None:
-        subs = [
+    async def subscribe(self) -> None:
+        """Bind to (creating if missing) the dispatch consumer of each kind."""
+        self._subs = [
             await dispatch.subscribe(self._js, self._settings, self._registry.arch, kind)
             for kind in self._registry.kinds
         ]
+
+    async def run(self) -> None:
+        if not self._subs:
+            await self.subscribe()
+        subs = self._subs
         try:
             while not self.stopping:
                 for sub in subs:
@@ -92,20 +100,21 @@ class Worker:
                         break
                     try:
                         msgs = await dispatch.fetch_one(sub, FETCH_TIMEOUT_S)
-                    except NatsError as exc:
+                    except (NatsError, TimeoutError) as exc:
                         log.warning("fetch failed", extra={"error": repr(exc)})
                         await asyncio.sleep(FETCH_TIMEOUT_S)  # backoff while NATS is away
                         continue
                     for msg in msgs:
-                        await self._handle(msg)
+                        try:
+                            await self._handle(msg)
+                        except (NatsError, TimeoutError) as exc:
+                            # NATS went away mid-way; an unacked message comes back later.
+                            log.warning("dispatch handling failed", extra={"error": repr(exc)})
         finally:
             if self._drain_timer is not None:
                 self._drain_timer.cancel()
             for sub in subs:
-                try:
-                    await sub.unsubscribe()
-                except NatsError as exc:
-                    log.debug("unsubscribe failed", extra={"error": repr(exc)})
+                await _quietly(sub.unsubscribe(), "unsubscribe")
 
     async def _handle(self, msg: Msg) -> None:
         if self.stopping:
@@ -139,15 +148,14 @@ class Worker:
                 await msg.nak(delay=NAK_DELAY_S)
                 return
             # Acked either way: granted it is ours; refused it is someone else's or over.
-            await msg.ack()
+            # A granted job runs even if the ack is lost: the claim, not the message, says
+            # whose it is (a redelivered copy is refused).
+            await _quietly(msg.ack(), "ack")
             if not granted:
                 return
             await self._run_claimed(job, stop)
         finally:
-            try:
-                await cancel_sub.unsubscribe()
-            except NatsError as exc:
-                log.debug("unsubscribe failed", extra={"error": repr(exc)})
+            await _quietly(cancel_sub.unsubscribe(), "unsubscribe")
 
     def _cancel_handler(self, job: Job, stop: StopRequest) -> Any:
         async def on_cancel(msg: Msg) -> None:
@@ -215,3 +223,11 @@ class Worker:
         await publish_until_acked(
             self._js, self._settings.subjects.report(self.runner_id), codec.dumps(report), headers
         )
+
+
+async def _quietly(action: Awaitable[Any], what: str) -> None:
+    """Await a NATS housekeeping call whose failure (NATS away) changes nothing we decide."""
+    try:
+        await action
+    except (NatsError, TimeoutError) as exc:
+        log.warning(f"{what} failed", extra={"error": repr(exc)})
