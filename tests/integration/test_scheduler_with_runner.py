@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from services.common.config import Settings
-from tests.integration.test_scheduler_life import Harness, make_harness, submission
+from tests.integration.test_scheduler_life import FINAL, Harness, make_harness, submission
 from tests.stack import Stack
 
 
@@ -28,7 +28,8 @@ async def test_real_runner_success_failure_and_cancel(h: Harness, tmp_path: Path
         slow = await h.submit(
             submission(module_name="slow", environment="prod", variables={"seconds": "60"})
         )
-        done = await h.events.status(hello, "SUCCESS", timeout=60)
+        done = await h.events.wait(lambda e: e["build_id"] == hello and e["status"] in FINAL, 60)
+        assert done["status"] == "SUCCESS", stack.logs("runner-1")[-3000:]
         assert done["runner_id"] == "runner-1" and done["seq"] == 3
         failed = await h.events.status(broken, "FAILURE", timeout=60)
         assert (failed["reason"], failed["exit_code"]) == ("exit-code", 3)
