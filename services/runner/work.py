@@ -110,6 +110,10 @@ class Worker:
                         except (NatsError, TimeoutError) as exc:
                             # NATS went away mid-way; an unacked message comes back later.
                             log.warning("dispatch handling failed", extra={"error": repr(exc)})
+                        except Exception:
+                            # A bug around one message must not take the runner down; the
+                            # job itself reports `internal` from inside `execute`.
+                            log.exception("dispatch handling crashed")
         finally:
             if self._drain_timer is not None:
                 self._drain_timer.cancel()
@@ -200,7 +204,7 @@ class Worker:
         if self._deadline_passed:  # the drain deadline passed while the claim was in flight
             self._cancel_for_drain(stop)
         await self._registry.set_state("busy", job.build_id)
-        log.info("job started", extra={"build_id": job.build_id, "module": job.module_name})
+        log.info("job started", extra={"build_id": job.build_id, "module_name": job.module_name})
         try:
             outcome = await execute(self._js, self._settings, job, stop)
         finally:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import uuid
@@ -157,6 +158,12 @@ async def poll(check: Callable[[], Any], timeout: float = TIMEOUT) -> None:
 
 def unique_org() -> str:
     return f"org-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(autouse=True)
+def runner_logs_on(caplog: pytest.LogCaptureFixture) -> None:
+    """Every log call of the runner is formatted (a bad `extra` key fails the test)."""
+    caplog.set_level(logging.DEBUG, logger="services")
 
 
 @pytest.fixture

@@ -26,13 +26,14 @@ from tests.integration.test_runner_jobs import (  # the fake scheduler and its f
     nc,
     poll,
     rsettings,
+    runner_logs_on,
     running,
     sched,
     unique_org,
 )
 from tests.stack import Stack
 
-__all__ = ["modules_dir", "nc", "rsettings", "sched"]
+__all__ = ["modules_dir", "nc", "rsettings", "runner_logs_on", "sched"]
 
 
 async def registration(sched: FakeScheduler, runner_id: str) -> dict[str, Any] | None:
