@@ -85,6 +85,7 @@ def settings(nats_server: EmbeddedNats | None, database_url: str, tmp_path: Path
         subjects=Subjects(prefix),
         heartbeat_s=1.0,
         cancel_grace_s=2.0,
+        state_secret=uuid.uuid4().hex,
     )
 
 

@@ -32,6 +32,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
             "XOOGIFY_CANCEL_GRACE_S": str(settings.cancel_grace_s),
             "XOOGIFY_QUEUE_TIMEOUT_S": str(settings.queue_timeout_s),
             "XOOGIFY_LOG_CAP_BYTES": str(settings.log_cap_bytes),
+            "XOOGIFY_STATE_SECRET": settings.state_secret,
         }
     )
     if settings.tf_plugin_mirror:

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -137,6 +138,14 @@ async def _demo(url: str, token: str | None, arches: list[str]) -> None:
             print(f"xoogify: demo job {job['build_id']} ({org}/{env} {module} {action})")
 
 
+def _persistent_secret(path: Path) -> str:
+    """A random secret kept in the data dir, so a restart keeps issued credentials valid."""
+    if not path.exists():
+        path.write_text(secrets.token_hex(32))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
     data_dir = Path(args.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -169,6 +178,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             database_url = postgres.url
         url = f"http://{args.host}:{args.port}"
         env = dict(os.environ)
+        env.setdefault("XOOGIFY_STATE_SECRET", _persistent_secret(data_dir / "state-secret"))
         env.update(
             XOOGIFY_NATS_URL=nats_url,
             XOOGIFY_DATABASE_URL=database_url,

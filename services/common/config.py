@@ -59,6 +59,9 @@ class Settings:
     heartbeat_s: float = 5.0
     cancel_grace_s: float = 10.0
     log_cap_bytes: int = 64 * 1024 * 1024
+    # Shared by the scheduler (issues per-job Terraform state credentials) and the gateway
+    # (checks them); empty means the state backend refuses everyone.
+    state_secret: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -79,4 +82,5 @@ class Settings:
             heartbeat_s=_float(env, "XOOGIFY_HEARTBEAT_S", 5.0),
             cancel_grace_s=_float(env, "XOOGIFY_CANCEL_GRACE_S", 10.0),
             log_cap_bytes=_int(env, "XOOGIFY_LOG_CAP_BYTES", 64 * 1024 * 1024),
+            state_secret=env.get("XOOGIFY_STATE_SECRET") or "",
         )
