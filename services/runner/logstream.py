@@ -15,6 +15,7 @@ import logging
 from nats.js import JetStreamContext
 
 from services.common import codec
+from services.runner.counters import LOG_BYTES
 from services.runner.logtext import CHUNK_BYTES, LogCap, Utf8Stream, split_chunks, utf8_len
 from services.runner.masking import Masker, mask_all
 from services.runner.publish import publish_until_acked
@@ -123,6 +124,7 @@ class LogStream:
         # The msg id makes a retried publish (ack lost, NATS blip) one chunk in the stream.
         headers = {"Nats-Msg-Id": f"log-{self._build_id}-{self._attempt}-{offset}-{int(eof)}"}
         await publish_until_acked(self._js, self._subject, codec.dumps(chunk), headers)
+        LOG_BYTES.inc(self.offset - offset)
 
     async def close(self) -> None:
         """End of the job: publish everything left and the eof chunk, acked."""

@@ -23,7 +23,7 @@ from services.common.metrics import REJECTED
 from services.common.schemas import SchemaError
 from services.common.status import Reason
 from services.common.timefmt import now_iso
-from services.runner import dispatch
+from services.runner import counters, dispatch
 from services.runner.control import StopRequest
 from services.runner.execution import execute
 from services.runner.job import Job, Outcome
@@ -148,6 +148,8 @@ class Worker:
         try:
             await self._nc.flush()
             granted = await self._claim(job)
+            answer = {None: "none", True: "granted", False: "refused"}[granted]
+            counters.CLAIMS.labels(answer=answer).inc()
             if granted is None:
                 await msg.nak(delay=NAK_DELAY_S)
                 return
@@ -211,6 +213,7 @@ class Worker:
             self._current = None
         await self._report(job, outcome)
         self.jobs_run += 1
+        counters.JOBS.labels(result=counters.job_result(outcome.exit_code, outcome.reason)).inc()
         log.info("job finished", extra={"build_id": job.build_id, **outcome.report_fields()})
         await self._registry.set_state("idle", None)
 

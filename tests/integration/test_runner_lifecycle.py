@@ -71,6 +71,7 @@ async def test_process_registers_serves_metrics_and_leaves_on_sigterm(
             metrics = await client.get(f"http://127.0.0.1:{port}/metrics")
         assert health.status_code == 200
         assert "xoogify_rejected_messages_total" in metrics.text
+        assert "xoogify_runner_jobs_total" in metrics.text
         # The heartbeat refreshes last_seen.
         first_seen = reg["last_seen"]
 

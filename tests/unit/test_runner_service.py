@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from services.runner.counters import job_result
 from services.runner.job import Outcome
 from services.runner.service import (
     DEFAULT_DRAIN_TIMEOUT_S,
@@ -41,3 +42,9 @@ def test_drain_timeout_from_env() -> None:
 def test_outcome_report_fields() -> None:
     assert Outcome(exit_code=3).report_fields() == {"exit_code": 3, "reason": None}
     assert Outcome(reason="cancelled").report_fields() == {"exit_code": None, "reason": "cancelled"}
+
+
+def test_job_result_labels() -> None:
+    assert job_result(0, None) == "success"
+    assert job_result(3, None) == "exit-code"
+    assert job_result(None, "cancelled") == "cancelled"
