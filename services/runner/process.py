@@ -9,11 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import signal
 from pathlib import Path
 
-from services.common.children import pdeathsig_preexec
+# libc is resolved here, once, in the runner: the hook below runs in the child between fork
+# and exec, where `services.common.children.pdeathsig_preexec` would first look libc up
+# (`find_library` starts an `ldconfig` process) - slower, and unwise in a forked child.
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_runner() -> None:
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 async def start(argv: list[str], cwd: Path, env: dict[str, str]) -> asyncio.subprocess.Process:
@@ -25,7 +34,7 @@ async def start(argv: list[str], cwd: Path, env: dict[str, str]) -> asyncio.subp
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         start_new_session=True,
-        preexec_fn=pdeathsig_preexec,
+        preexec_fn=_die_with_runner,
     )
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -159,3 +161,42 @@ async def test_lost_heartbeat_stops_the_runner_loudly(
     assert caught.group_contains(HeartbeatLost)
     with contextlib.suppress(Exception):
         nats_server.start()
+
+
+def children_of(parent: int, marker: str) -> list[int]:
+    """The job's processes whose parent is `parent`."""
+    found = []
+    for pid in job_pids(marker):
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            # Fields after the command (which may hold spaces) : state, ppid, pgrp, ...
+            if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+                found.append(pid)
+    return found
+
+
+async def test_job_process_dies_with_a_killed_runner(
+    rsettings: Settings, sched: FakeScheduler, tmp_path: Path
+) -> None:
+    org = unique_org()
+    stack = Stack(rsettings, tmp_path / "logs")
+    await stack.start_runner("runner-k", arch="amd64", kinds="script")
+    runner_pid = stack.procs["runner-k"].pid
+    try:
+        # `stubborn` writes nothing after its first line, so no SIGPIPE would end it.
+        await sched.dispatch(25, "stubborn", organization=org)
+        await sched.wait_for(lambda: "stubborn started" in sched.log_text(25))
+        [child] = children_of(runner_pid, org)
+        stack.kill("runner-k")  # SIGKILL: no drain, no cleanup of its own
+
+        async def gone() -> bool:
+            return child not in job_pids(org)
+
+        # PR_SET_PDEATHSIG ends the runner's direct child (the job's shell) at once.
+        await poll(gone, timeout=5)
+    finally:
+        await stack.stop_all()
+        # Its own children are orphans now (PDEATHSIG covers only the direct child).
+        for pid in job_pids(org):
+            with contextlib.suppress(OSError):
+                os.killpg(os.getpgid(pid), signal.SIGKILL)
