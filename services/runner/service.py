@@ -86,8 +86,12 @@ class RunnerService:
         return self.ready.is_set()
 
     def stop(self) -> None:
-        """Begin the drain (safe to call from a signal handler, and more than once)."""
+        """Begin the drain (safe to call from a signal handler). A second call ends the
+        running job now instead of at the drain deadline."""
         if self._stop_requested:
+            if self._worker is not None:
+                log.info("second stop request: cancelling the running job now")
+                self._worker.request_stop()
             return
         self._stop_requested = True
         log.info("drain requested", extra={"runner_id": self.runner_id})

@@ -57,6 +57,7 @@ class Worker:
         self._current: StopRequest | None = None
         self._drain_timer: asyncio.TimerHandle | None = None
         self._deadline_passed = False
+        self._drain_why = ""
         self.jobs_run = 0
         self._subs: list[JetStreamContext.PullSubscription] = []
 
@@ -65,22 +66,25 @@ class Worker:
         return self._stopping.is_set()
 
     def request_stop(self) -> None:
-        """Drain: take no more work; the running job gets until the drain deadline."""
+        """Drain: take no more work; the running job gets until the drain deadline. Asked
+        again, the deadline is now."""
         if self._stopping.is_set():
+            if self._drain_timer is not None:
+                self._drain_timer.cancel()
+            self._drain_deadline("runner shutting down (stop asked twice)")
             return
         self._stopping.set()
         self._drain_timer = asyncio.get_running_loop().call_later(
             self._drain_timeout_s, self._drain_deadline
         )
 
-    def _drain_deadline(self) -> None:
+    def _drain_deadline(self, why: str | None = None) -> None:
         self._deadline_passed = True
+        self._drain_why = why or (
+            f"runner shutting down (drain deadline of {self._drain_timeout_s:g}s)"
+        )
         if self._current is not None:
-            self._cancel_for_drain(self._current)
-
-    def _cancel_for_drain(self, stop: StopRequest) -> None:
-        why = f"runner shutting down (drain deadline of {self._drain_timeout_s:g}s)"
-        stop.stop(Reason.CANCELLED, why)
+            self._current.stop(Reason.CANCELLED, self._drain_why)
 
     async def subscribe(self) -> None:
         """Bind to (creating if missing) the dispatch consumer of each kind."""
@@ -204,7 +208,7 @@ class Worker:
     async def _run_claimed(self, job: Job, stop: StopRequest) -> None:
         self._current = stop
         if self._deadline_passed:  # the drain deadline passed while the claim was in flight
-            self._cancel_for_drain(stop)
+            stop.stop(Reason.CANCELLED, self._drain_why)
         await self._registry.set_state("busy", job.build_id)
         log.info("job started", extra={"build_id": job.build_id, "module_name": job.module_name})
         try:

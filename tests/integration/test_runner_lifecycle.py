@@ -200,3 +200,19 @@ async def test_job_process_dies_with_a_killed_runner(
         for pid in job_pids(org):
             with contextlib.suppress(OSError):
                 os.killpg(os.getpgid(pid), signal.SIGKILL)
+
+
+async def test_second_stop_cancels_the_job_at_once(
+    rsettings: Settings, sched: FakeScheduler
+) -> None:
+    service = RunnerService(rsettings, "amd64", ["script"], {}, "runner-2", drain_timeout_s=60)
+    task = asyncio.create_task(service.serve())
+    await asyncio.wait_for(service.ready.wait(), TIMEOUT)
+    await sched.dispatch(26, "slow", variables={"seconds": "60"})
+    await sched.wait_for(lambda: "slow: second 1" in sched.log_text(26))
+    service.stop()
+    service.stop()  # like a second Ctrl-C
+    report = await sched.report(26, timeout=10)  # well before the 60 s drain deadline
+    assert report["reason"] == "cancelled"
+    assert "[xoogify] runner shutting down (stop asked twice)" in sched.log_text(26)
+    await asyncio.wait_for(task, TIMEOUT)
