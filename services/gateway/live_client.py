@@ -221,9 +221,17 @@ class LiveClient:
             if window.in_live(item.stream_seq):
                 self._deliver(item)
 
-    def take(self, max_items: int = 500) -> list[Item]:
-        count = min(max_items, len(self.queue))
-        items = [self.queue.popleft() for _ in range(count)]
+    def take(self, max_items: int = 500, max_bytes: int = 512 * 1024) -> list[Item]:
+        """The next frame's items: as many as are queued, within both bounds (a single
+        bigger item still goes, alone), so clients with a 1 MiB frame limit keep up."""
+        items: list[Item] = []
+        size = 0
+        while self.queue and len(items) < max_items:
+            nxt = len(self.queue[0].raw)
+            if items and size + nxt > max_bytes:
+                break
+            items.append(self.queue.popleft())
+            size += nxt
         if items:
             self.space.set()
         return items

@@ -29,7 +29,8 @@ from services.gateway.context import GatewayContext
 log = logging.getLogger(__name__)
 
 Send = Callable[[str], Awaitable[None]]
-READ_LIMIT = 1024 * 1024
+# Log frames stay well under the 1 MiB frame limit of common websocket clients.
+READ_LIMIT = 256 * 1024
 QUIET_S = 1.0
 
 

@@ -7,6 +7,7 @@ import asyncio
 from collections import Counter
 
 from services.common.config import Settings
+from services.common.embedded import EmbeddedNats
 from tests.integration.ws_support import RawWs, job_event, publisher, serve_gateway
 from tests.support import WsRecorder, eventually
 
@@ -199,3 +200,36 @@ async def test_a_client_that_stops_reading_is_closed_with_1013(settings: Setting
             assert stuck.close_code == 1013
         finally:
             stuck.close()
+
+
+async def test_hub_carries_on_after_a_nats_restart(
+    settings: Settings, nats_server: EmbeddedNats | None
+) -> None:
+    assert nats_server is not None, "needs its own nats-server to restart"
+    async with publisher(settings) as pub, serve_gateway(settings) as gw:
+        async with WsRecorder(gw.ws_url) as ws:
+            before = await pub.life(1)
+            await ws.wait_for(
+                lambda m: (
+                    m.get("type") == "jobs"
+                    and any(i["stream_seq"] == before[-1] for i in m["items"])
+                )
+            )
+            nats_server.stop()
+            nats_server.start()
+
+            async def republished() -> list[int] | None:
+                try:
+                    return await pub.life(2)
+                except Exception:
+                    return None  # still reconnecting
+
+            after = await eventually(republished, timeout=30)
+            await ws.wait_for(
+                lambda m: (
+                    m.get("type") == "jobs"
+                    and any(i["stream_seq"] == after[-1] for i in m["items"])
+                ),
+                timeout=30,
+            )
+        assert stream_seqs(ws) == before + after

@@ -190,3 +190,14 @@ def test_sent_seqs_is_bounded() -> None:
     for s in range(1, 6):
         sent.add(s)
     assert len(sent) == 3 and 1 not in sent and 5 in sent
+
+
+def test_take_bounds_a_frame_by_items_and_bytes() -> None:
+    client = LiveClient()
+    for s in range(1, 11):
+        client.offer(item(s, build_id=s))
+    size = len(client.queue[0].raw)
+    assert len(client.take(max_items=3)) == 3
+    assert len(client.take(max_bytes=size * 2 + 1)) == 2
+    assert len(client.take(max_bytes=1)) == 1  # a big item still goes, alone
+    assert len(client.take()) == 4
