@@ -90,15 +90,17 @@ class LogStream:
 
     async def note(self, line: str) -> None:
         """A line from the runner itself (what it did, why it stopped). It goes after the
-        output so far, is masked too, and is not subject to the cap."""
-        self._end_output_piece()
+        output released so far, is masked too, and is not subject to the cap.
+
+        Output held back (a partial character, the start of a possible secret) stays held
+        and follows the note: cutting it off here could print half a secret."""
         text = mask_all(line.rstrip("\n") + "\n", self._secrets)
         self._pending += text
         self._pending_bytes += utf8_len(text)
         await self.flush()
 
     def _end_output_piece(self) -> None:
-        # Output held back (a partial character, a possible secret) comes before the note.
+        # The end of the output: what was held back can only be masked now, not grow.
         self._add(self._masker.feed(self._decoder.finish()) + self._masker.finish())
 
     async def flush(self, eof: bool = False) -> None:
