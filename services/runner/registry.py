@@ -11,6 +11,7 @@ import asyncio
 import logging
 import socket
 import time
+from importlib import metadata
 from typing import Any
 
 from nats.errors import Error as NatsError
@@ -20,7 +21,15 @@ from services.common.timefmt import now_iso
 
 log = logging.getLogger(__name__)
 
-VERSION = "0.1.0"
+
+def _version() -> str:
+    try:
+        return metadata.version("xoogify")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+VERSION = _version()
 
 
 class HeartbeatLost(RuntimeError):

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from nats.js.errors import NotFoundError
 from services.common import codec, schemas
 from services.common.config import Settings
 from services.common.embedded import EmbeddedNats, free_port
-from services.runner.registry import HeartbeatLost
+from services.runner.registry import VERSION, HeartbeatLost
 from services.runner.service import RunnerService
 from tests.integration.test_runner_jobs import (  # the fake scheduler and its fixtures
     TIMEOUT,
@@ -68,6 +69,7 @@ async def test_process_registers_serves_metrics_and_leaves_on_sigterm(
         schemas.check("runner_registration", reg)
         assert (reg["arch"], reg["labels"], reg["state"]) == ("amd64", {"zone": "a"}, "idle")
         assert "script" in reg["kinds"] and reg["current_build_id"] is None
+        assert reg["version"] == VERSION and reg["hostname"] == socket.gethostname()
         async with httpx.AsyncClient() as client:
             health = await client.get(f"http://127.0.0.1:{port}/healthz")
             metrics = await client.get(f"http://127.0.0.1:{port}/metrics")
