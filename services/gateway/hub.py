@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict
 from typing import Any
 
 from nats.aio.msg import Msg
@@ -25,6 +26,8 @@ from services.gateway.context import GatewayContext
 from services.gateway.live_client import Item, LiveClient, make_item
 
 log = logging.getLogger(__name__)
+
+RECENT_FINAL = 10_000
 
 WS_CLIENTS = Gauge("xoogify_gateway_ws_clients", "Websockets connected to this gateway")
 WS_RESYNCS = Counter("xoogify_gateway_ws_resyncs_total", "Websockets sent `resync`")
@@ -58,6 +61,9 @@ class Hub:
         self._sub: Any = None
         self._watchdog: asyncio.Task[None] | None = None
         self._final_waiters: dict[int, set[asyncio.Future[str]]] = {}
+        # Jobs the hub saw end lately: a log follower reaching eof just after the final
+        # event went by (and before Postgres has it) still learns the status at once.
+        self._recent_final: OrderedDict[int, str] = OrderedDict()
 
     # --- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -158,6 +164,9 @@ class Hub:
         for client in self.clients:
             client.offer(item)
         if is_final(item.job["status"]):
+            self._recent_final[item.build_id] = item.job["status"]
+            if len(self._recent_final) > RECENT_FINAL:
+                self._recent_final.popitem(last=False)
             for fut in self._final_waiters.pop(item.build_id, set()):
                 if not fut.done():
                     fut.set_result(item.job["status"])
@@ -176,6 +185,10 @@ class Hub:
     def final_status(self, build_id: int) -> asyncio.Future[str]:
         """A future set to the job's status when the hub sees it become final."""
         fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        known = self._recent_final.get(build_id)
+        if known is not None:
+            fut.set_result(known)
+            return fut
         self._final_waiters.setdefault(build_id, set()).add(fut)
         return fut
 
