@@ -107,7 +107,7 @@ async def _run_command(
                 await logs.note("[xoogify] the process did not stop in time; killed")
             else:
                 await logs.note("[xoogify] the process stopped")
-        exit_code = await waiter
+        exit_code = process.shell_exit_code(await waiter)
         process.kill_leftovers(proc)
         try:
             await asyncio.wait_for(asyncio.shield(pump), PUMP_DRAIN_S)

@@ -67,3 +67,8 @@ def kill_leftovers(proc: asyncio.subprocess.Process) -> None:
     output pipe open, so they go too."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+def shell_exit_code(returncode: int) -> int:
+    """asyncio says -N for "killed by signal N"; users know the shell's 128 + N."""
+    return 128 - returncode if returncode < 0 else returncode

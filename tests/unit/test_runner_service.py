@@ -6,6 +6,7 @@ import pytest
 
 from services.runner.counters import job_result
 from services.runner.job import Outcome
+from services.runner.process import shell_exit_code
 from services.runner.service import (
     DEFAULT_DRAIN_TIMEOUT_S,
     default_runner_id,
@@ -48,3 +49,9 @@ def test_job_result_labels() -> None:
     assert job_result(0, None) == "success"
     assert job_result(3, None) == "exit-code"
     assert job_result(None, "cancelled") == "cancelled"
+
+
+def test_shell_exit_code() -> None:
+    assert shell_exit_code(0) == 0
+    assert shell_exit_code(3) == 3
+    assert shell_exit_code(-9) == 137  # killed by SIGKILL
