@@ -1,0 +1,220 @@
+"""The HTTP API of CONTRACT.md: submit, list, read, logs, cancel, runners.
+
+Bad input gets a 4xx JSON error naming the field (services.gateway.errors); a submission
+is published to JetStream and its stream sequence is its build ID.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import orjson
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from services.common import codec, schemas
+from services.common.filters import JobFilter
+from services.common.status import ACTIONS, Status
+from services.common.timefmt import now_iso
+from services.gateway import db, runners
+from services.gateway.context import GatewayContext
+from services.gateway.errors import ApiError
+
+MAX_BODY = 64 * 1024
+MAX_LIMIT = 500
+MAX_LOG_LIMIT = 8 * 1024 * 1024
+MAX_BUILD_ID = 2**63 - 1
+ANONYMOUS = "anonymous"
+
+
+def _ctx(request: Request) -> GatewayContext:
+    ctx: GatewayContext = request.app.state.ctx
+    return ctx
+
+
+def _int_param(request: Request, name: str, default: int | None, lo: int, hi: int) -> int | None:
+    raw = request.query_params.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(422, f"{name} must be an integer", fields={name: "not an integer"}) from None
+    if not lo <= value <= hi:
+        raise ApiError(422, f"{name} out of range", fields={name: f"must be {lo}..{hi}"})
+    return value
+
+
+def _build_id(request: Request) -> int:
+    build_id = int(request.path_params["build_id"])
+    if build_id > MAX_BUILD_ID:
+        raise ApiError(404, f"no job {build_id}")
+    return build_id
+
+
+async def _json_body(request: Request) -> Any:
+    body = await request.body()
+    if len(body) > MAX_BODY:
+        raise ApiError(413, f"request body over {MAX_BODY} bytes")
+    try:
+        return codec.loads(body)
+    except ValueError:
+        raise ApiError(400, "body is not valid JSON", "invalid-json") from None
+
+
+def body_hash(body: dict[str, Any]) -> str:
+    return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def accepted_job(build_id: int, message: dict[str, Any]) -> dict[str, Any]:
+    """The job as its first event will show it: queued, nothing else known yet."""
+    return {
+        "build_id": build_id,
+        "organization": message["organization"],
+        "environment": message["environment"],
+        "module_type": message["module_type"],
+        "module_name": message["module_name"],
+        "action": message["action"],
+        "status": Status.IN_PROGRESS.value,
+        "reason": None,
+        "exit_code": None,
+        "runner_id": None,
+        "queue_position": None,
+        "seq": 1,
+        "requested_by": message["requested_by"],
+        "submitted_at": message["submitted_at"],
+        "started_at": None,
+        "finished_at": None,
+        "updated_at": message["submitted_at"],
+    }
+
+
+async def submit_job(request: Request) -> Response:
+    ctx = _ctx(request)
+    body = await _json_body(request)
+    try:
+        schemas.check("submission", body)
+    except schemas.SchemaError as exc:
+        raise ApiError(422, "invalid submission", fields=exc.fields()) from None
+    variables: dict[str, str] = body.get("variables") or {}
+    sensitive: list[str] = body.get("sensitive") or []
+    unknown = [name for name in sensitive if name not in variables]
+    if unknown:
+        raise ApiError(
+            422,
+            "invalid submission",
+            fields={"sensitive": f"not among the variables: {', '.join(unknown)}"},
+        )
+    key = request.headers.get("idempotency-key")
+    if key is not None and not 1 <= len(key) <= 200:
+        raise ApiError(422, "bad Idempotency-Key", fields={"Idempotency-Key": "1..200 chars"})
+    message = {
+        "organization": body["organization"],
+        "environment": body["environment"],
+        "module_type": body["module_type"],
+        "module_name": body["module_name"],
+        "action": body["action"],
+        "variables": variables,
+        "sensitive": sensitive,
+        "timeout_s": body.get("timeout_s"),
+        "requested_by": ANONYMOUS,
+        "submitted_at": now_iso(),
+        "body_hash": body_hash(body),
+    }
+    subjects = ctx.settings.subjects
+    headers = {"Nats-Msg-Id": f"{body['organization']}:{key}"} if key else None
+    ack = await ctx.js.publish(subjects.submit, codec.dumps(message), headers=headers)
+    build_id = int(ack.seq)
+    if ack.duplicate:
+        stored = codec.loads((await ctx.js.get_msg(subjects.submit_stream, build_id)).data or b"{}")
+        if stored.get("body_hash") != message["body_hash"]:
+            raise ApiError(
+                409, "Idempotency-Key was used with another body", "idempotency-conflict"
+            )
+        current = await db.get_job(ctx.pool, build_id)
+        if current is not None:
+            current.pop("events", None)
+            return JSONResponse(current, status_code=202)
+        message = stored
+    return JSONResponse(accepted_job(build_id, message), status_code=202)
+
+
+def _filter(request: Request) -> JobFilter:
+    flt = JobFilter.from_mapping(request.query_params)
+    if flt.status is not None and flt.status not in {s.value for s in Status}:
+        raise ApiError(
+            422, "unknown status", fields={"status": f"one of {[s.value for s in Status]}"}
+        )
+    if flt.action is not None and flt.action not in ACTIONS:
+        raise ApiError(422, "unknown action", fields={"action": f"one of {list(ACTIONS)}"})
+    return flt
+
+
+async def list_jobs(request: Request) -> Response:
+    flt = _filter(request)
+    limit = _int_param(request, "limit", 50, 1, MAX_LIMIT)
+    before = _int_param(request, "before", None, 1, MAX_BUILD_ID)
+    assert limit is not None
+    items, next_before, watermark = await db.list_jobs(_ctx(request).pool, flt, limit, before)
+    return JSONResponse({"items": items, "next": next_before, "watermark": watermark})
+
+
+async def get_job(request: Request) -> Response:
+    build_id = _build_id(request)
+    job = await db.get_job(_ctx(request).pool, build_id)
+    if job is None:
+        raise ApiError(404, f"no job {build_id}")
+    return JSONResponse(job)
+
+
+async def job_logs(request: Request) -> Response:
+    build_id = _build_id(request)
+    offset = _int_param(request, "offset", 0, 0, MAX_BUILD_ID)
+    limit = _int_param(request, "limit", 1024 * 1024, 1, MAX_LOG_LIMIT)
+    assert offset is not None and limit is not None
+    pool = _ctx(request).pool
+    if await pool.fetchval("SELECT 1 FROM jobs WHERE build_id = $1", build_id) is None:
+        raise ApiError(404, f"no job {build_id}")
+    return JSONResponse(await db.read_log(pool, build_id, offset, limit))
+
+
+async def cancel_job(request: Request) -> Response:
+    ctx = _ctx(request)
+    build_id = _build_id(request)
+    stored = await db.get_job(ctx.pool, build_id)
+    request_body = {"build_id": build_id, "reason": "cancelled", "requested_by": ANONYMOUS}
+    try:
+        reply = await ctx.nc.request(
+            ctx.settings.subjects.control_cancel, codec.dumps(request_body), timeout=5.0
+        )
+    except (NatsTimeoutError, NoRespondersError, TimeoutError):
+        raise ApiError(503, "the scheduler did not answer; try again") from None
+    answer = codec.loads(reply.data)
+    job = answer.get("job") or stored
+    if answer.get("ok"):
+        if job is not None:
+            job.pop("events", None)
+        return JSONResponse(job, status_code=202)
+    if answer.get("error") == "final" and stored is not None:
+        raise ApiError(409, f"job {build_id} has already ended ({stored['status']})")
+    if stored is None:
+        raise ApiError(404, f"no job {build_id}")
+    raise ApiError(409, f"job {build_id} cannot be cancelled: {answer.get('error')}")
+
+
+async def list_runners(request: Request) -> Response:
+    return JSONResponse({"items": await runners.list_runners(_ctx(request))})
+
+
+routes = [
+    Route("/api/jobs", submit_job, methods=["POST"]),
+    Route("/api/jobs", list_jobs, methods=["GET"]),
+    Route("/api/jobs/{build_id:int}", get_job, methods=["GET"]),
+    Route("/api/jobs/{build_id:int}/logs", job_logs, methods=["GET"]),
+    Route("/api/jobs/{build_id:int}/cancel", cancel_job, methods=["POST"]),
+    Route("/api/runners", list_runners, methods=["GET"]),
+]

@@ -1,0 +1,181 @@
+"""The gateway's queries: jobs, their events, their logs, and the ingestion watermark.
+
+SQL stays SQL with parameters; the filters' meaning comes from services.common.filters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import asyncpg
+
+from services.common import codec
+from services.common.filters import JobFilter
+from services.common.status import is_final
+from services.common.timefmt import format_time
+from services.gateway.log_text import read_span
+
+JOB_FIELDS = (
+    "build_id",
+    "organization",
+    "environment",
+    "module_type",
+    "module_name",
+    "action",
+    "status",
+    "reason",
+    "exit_code",
+    "runner_id",
+    "queue_position",
+    "seq",
+    "requested_by",
+    "submitted_at",
+    "started_at",
+    "finished_at",
+    "updated_at",
+)
+_TIME_FIELDS = ("submitted_at", "started_at", "finished_at", "updated_at")
+_SELECT_JOB = "SELECT " + ", ".join(JOB_FIELDS) + ", variables FROM jobs"
+
+# Every filter is a parameter; with plan_cache_mode=force_custom_plan (set on the pool)
+# Postgres drops the `$n IS NULL` branches and uses the matching index.
+_LIST_JOBS = (
+    _SELECT_JOB
+    + """
+ WHERE ($1::text IS NULL OR organization = $1)
+   AND ($2::text IS NULL OR environment = $2)
+   AND ($3::text IS NULL OR status = $3)
+   AND ($4::text IS NULL OR action = $4)
+   AND ($5::text IS NULL OR module_type = $5)
+   AND ($6::text IS NULL OR module_name = $6)
+   AND ($7::text IS NULL OR build_id::text = $7
+        OR lower(organization || ' ' || environment || ' ' || module_type || ' '
+                 || module_name || ' ' || action) LIKE '%' || $8 || '%' ESCAPE '\\')
+   AND ($9::bigint IS NULL OR build_id < $9)
+ ORDER BY build_id DESC
+ LIMIT $10"""
+)
+
+
+async def init_connection(conn: asyncpg.Connection) -> None:
+    """jsonb in and out as Python values (orjson)."""
+    await conn.set_type_codec(
+        "jsonb", encoder=codec.dumps_str, decoder=codec.loads, schema="pg_catalog"
+    )
+
+
+async def create_pool(database_url: str, **kwargs: Any) -> asyncpg.Pool:
+    return await asyncpg.create_pool(
+        database_url,
+        init=init_connection,
+        server_settings={"plan_cache_mode": "force_custom_plan"},
+        **kwargs,
+    )
+
+
+def job_from_row(row: asyncpg.Record | Mapping[str, Any]) -> dict[str, Any]:
+    """The contract's job object from a `jobs` row (plus `variables` when known)."""
+    job = {name: row[name] for name in JOB_FIELDS}
+    for name in _TIME_FIELDS:
+        if job[name] is not None:
+            job[name] = format_time(job[name])
+    variables = row["variables"] if "variables" in row.keys() else None
+    if variables is not None:
+        job["variables"] = variables
+    return job
+
+
+def _like_escape(text: str) -> str:
+    return text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+async def watermark(pool: asyncpg.Pool) -> int:
+    """The highest event stream sequence whose whole prefix is stored (any gateway's)."""
+    value = await pool.fetchval(
+        "SELECT coalesce(max(watermark), 0) FROM ingest_progress WHERE kind = 'events'"
+    )
+    return int(value)
+
+
+async def list_jobs(
+    pool: asyncpg.Pool, flt: JobFilter, limit: int, before: int | None
+) -> tuple[list[dict[str, Any]], int | None, int]:
+    """(items newest first, `next` for paging, watermark read before the items)."""
+    mark = await watermark(pool)
+    q = flt.q
+    rows = await pool.fetch(
+        _LIST_JOBS,
+        flt.organization,
+        flt.environment,
+        flt.status,
+        flt.action,
+        flt.module_type,
+        flt.module_name,
+        q,
+        _like_escape(q) if q else None,
+        before,
+        limit + 1,
+    )
+    items = [job_from_row(r) for r in rows[:limit]]
+    next_before = items[-1]["build_id"] if len(rows) > limit else None
+    return items, next_before, mark
+
+
+async def get_job(pool: asyncpg.Pool, build_id: int) -> dict[str, Any] | None:
+    """The job plus its `events` [{seq, status, at, reason, runner_id}…], or None."""
+    row = await pool.fetchrow(_SELECT_JOB + " WHERE build_id = $1", build_id)
+    if row is None:
+        return None
+    job = job_from_row(row)
+    events = await pool.fetch(
+        "SELECT seq, status, at, reason, runner_id, exit_code, queue_position FROM job_events"
+        " WHERE build_id = $1 ORDER BY seq",
+        build_id,
+    )
+    job["events"] = [
+        {
+            "seq": e["seq"],
+            "status": e["status"],
+            "at": format_time(e["at"]),
+            "reason": e["reason"],
+            "runner_id": e["runner_id"],
+            "exit_code": e["exit_code"],
+            "queue_position": e["queue_position"],
+        }
+        for e in events
+    ]
+    return job
+
+
+async def read_log(pool: asyncpg.Pool, build_id: int, offset: int, limit: int) -> dict[str, Any]:
+    """`{build_id, offset, next_offset, data, complete}` as GET …/logs answers it."""
+    async with pool.acquire() as conn:
+        chunks = await conn.fetch(
+            'SELECT "offset", data FROM job_log_chunks WHERE build_id = $1'
+            ' AND "offset" + size > $2 AND "offset" < $2 + $3 ORDER BY "offset"',
+            build_id,
+            offset,
+            limit + 4,
+        )
+        state = await conn.fetchrow(
+            "SELECT j.status, j.started_at, j.reason,"
+            " EXISTS (SELECT 1 FROM job_log_chunks c WHERE c.build_id = j.build_id AND c.eof)"
+            " AS eof FROM jobs j WHERE j.build_id = $1",
+            build_id,
+        )
+    start, data = read_span(((c["offset"], c["data"]) for c in chunks), offset, limit)
+    complete = False
+    if state is not None and is_final(state["status"]):
+        # Everything its runner published is stored: the eof chunk is in, or no runner
+        # ever ran it, or its runner died and will publish nothing more.
+        complete = bool(
+            state["eof"] or state["started_at"] is None or state["reason"] == "runner-lost"
+        )
+    return {
+        "build_id": build_id,
+        "offset": start,
+        "next_offset": start + len(data),
+        "data": data.decode(),
+        "complete": complete,
+    }

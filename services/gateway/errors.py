@@ -1,0 +1,76 @@
+"""JSON errors, the one shape every `/api/` answer uses when something is wrong:
+`{"error": {"code", "message", "fields"?}}` — never an HTML page, never a 500 for bad input."""
+
+from __future__ import annotations
+
+import logging
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+log = logging.getLogger(__name__)
+
+_CODES = {
+    400: "bad-request",
+    401: "unauthenticated",
+    403: "forbidden",
+    404: "not-found",
+    405: "method-not-allowed",
+    409: "conflict",
+    413: "too-large",
+    422: "invalid",
+    423: "locked",
+    429: "too-many-requests",
+    503: "unavailable",
+}
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        fields: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code or _CODES.get(status, "error")
+        self.message = message
+        self.fields = fields
+
+
+def error_response(
+    status: int, message: str, code: str | None = None, fields: dict[str, str] | None = None
+) -> JSONResponse:
+    error: dict[str, object] = {"code": code or _CODES.get(status, "error"), "message": message}
+    if fields:
+        error["fields"] = fields
+    return JSONResponse({"error": error}, status_code=status)
+
+
+async def api_error_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return error_response(exc.status, exc.message, exc.code, exc.fields)
+
+
+async def http_error_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if request.url.path.startswith("/api/") or request.url.path in ("/healthz", "/readyz"):
+        return error_response(exc.status_code, str(exc.detail))
+    from starlette.responses import PlainTextResponse
+
+    return PlainTextResponse(str(exc.detail), status_code=exc.status_code)
+
+
+async def internal_error_handler(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error", extra={"path": request.url.path})
+    return error_response(500, "internal error", "internal")
+
+
+handlers = {
+    ApiError: api_error_handler,
+    HTTPException: http_error_handler,
+    Exception: internal_error_handler,
+}

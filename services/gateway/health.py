@@ -1,0 +1,49 @@
+"""Liveness, readiness and metrics: `/healthz` (the process runs), `/readyz` (NATS and
+Postgres both answer), `/metrics` (Prometheus text)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from services.gateway.context import GatewayContext
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    ctx: GatewayContext | None = getattr(request.app.state, "ctx", None)
+    nats_up = bool(ctx and ctx.nc.is_connected)
+    postgres_up = False
+    if ctx is not None:
+        try:
+            async with asyncio.timeout(1.0):
+                postgres_up = await ctx.pool.fetchval("SELECT 1") == 1
+        except Exception:
+            postgres_up = False
+    body: dict[str, object] = {
+        "nats": "up" if nats_up else "down",
+        "postgres": "up" if postgres_up else "down",
+    }
+    if nats_up and postgres_up:
+        return JSONResponse({"status": "ready", **body})
+    down = [name for name, up in (("nats", nats_up), ("postgres", postgres_up)) if not up]
+    body["error"] = {"code": "unavailable", "message": f"down: {', '.join(down)}"}
+    return JSONResponse(body, status_code=503)
+
+
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+routes = [
+    Route("/healthz", healthz),
+    Route("/readyz", readyz),
+    Route("/metrics", metrics),
+]

@@ -1,0 +1,301 @@
+"""Ingestion: status events and log chunks from JetStream into Postgres.
+
+A durable pull consumer per gateway and stream; each fetched batch is written in ONE
+transaction (jobs collapsed to the highest `seq` per build first, events keyed by
+`event_id`, chunks by `(build_id, offset)`, all idempotent), committed, then acked. Nothing
+is acked before it is stored; a redelivery is harmless. A malformed message is recorded in
+`rejected_messages` in the same transaction, counted, then terminated: it never blocks.
+If Postgres is down the batch is kept and retried until it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from prometheus_client import Counter, Histogram
+
+from services.common import schemas
+from services.common.metrics import REJECTED
+from services.common.timefmt import parse_time
+from services.gateway.context import GatewayContext
+from services.gateway.watermark import Contiguity
+
+log = logging.getLogger(__name__)
+
+BATCH = 500
+INGESTED = Counter("xoogify_ingested_total", "Messages stored by ingestion", ["kind"])
+BATCH_SIZE = Histogram(
+    "xoogify_ingest_batch_size",
+    "Messages per ingested batch",
+    ["kind"],
+    buckets=(1, 10, 50, 100, 250, 500),
+)
+
+_UPSERT_JOB = """
+INSERT INTO jobs (build_id, organization, environment, module_type, module_name, action,
+                  status, reason, exit_code, runner_id, queue_position, seq, requested_by,
+                  submitted_at, started_at, finished_at, updated_at, stream_seq, variables)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)
+ON CONFLICT (build_id) DO UPDATE SET
+    status = EXCLUDED.status, reason = EXCLUDED.reason, exit_code = EXCLUDED.exit_code,
+    runner_id = EXCLUDED.runner_id, queue_position = EXCLUDED.queue_position,
+    seq = EXCLUDED.seq, started_at = EXCLUDED.started_at,
+    finished_at = EXCLUDED.finished_at, updated_at = EXCLUDED.updated_at,
+    stream_seq = EXCLUDED.stream_seq,
+    variables = coalesce(EXCLUDED.variables, jobs.variables)
+WHERE jobs.seq < EXCLUDED.seq
+"""
+_INSERT_EVENT = """
+INSERT INTO job_events (event_id, build_id, seq, status, at, reason, runner_id, exit_code,
+                        queue_position, stream_seq, payload)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+ON CONFLICT (event_id) DO NOTHING
+"""
+_INSERT_CHUNK = """
+INSERT INTO job_log_chunks (build_id, "offset", size, data, eof)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (build_id, "offset") DO NOTHING
+"""
+_INSERT_REJECTED = """
+INSERT INTO rejected_messages (subject, stream_seq, error, payload) VALUES ($1, $2, $3, $4)
+"""
+_SAVE_PROGRESS = """
+INSERT INTO ingest_progress (consumer, kind, watermark) VALUES ($1, $2, $3)
+ON CONFLICT (consumer) DO UPDATE SET watermark = greatest(ingest_progress.watermark,
+    EXCLUDED.watermark), updated_at = now()
+"""
+
+
+@dataclass
+class Decoded:
+    stream_seq: int
+    subject: str
+    body: dict[str, Any] | None
+    error: str | None
+    raw: bytes
+
+
+def _decode(msg: Msg, schema: str, check: Callable[[Msg, dict[str, Any]], str | None]) -> Decoded:
+    seq = msg.metadata.sequence.stream
+    try:
+        body = schemas.decode(schema, msg.data)
+    except schemas.SchemaError as exc:
+        return Decoded(seq, msg.subject, None, str(exc)[:2000], msg.data)
+    problem = check(msg, body)
+    if problem:
+        return Decoded(seq, msg.subject, None, problem, msg.data)
+    return Decoded(seq, msg.subject, body, None, msg.data)
+
+
+def _event_matches_subject(msg: Msg, body: dict[str, Any]) -> str | None:
+    tokens = msg.subject.split(".")
+    expected = [body["organization"], body["environment"], str(body["build_id"])]
+    if tokens[-3:] != expected:
+        return f"subject {msg.subject} does not match the event's organization/environment/build"
+    if body["event_id"] != f"{body['build_id']}-{body['seq']}":
+        return "event_id is not <build_id>-<seq>"
+    return None
+
+
+def _chunk_matches_subject(msg: Msg, body: dict[str, Any]) -> str | None:
+    if msg.subject.rsplit(".", 1)[-1] != str(body["build_id"]):
+        return f"subject {msg.subject} does not match build_id {body['build_id']}"
+    return None
+
+
+def _t(value: str | None) -> Any:
+    return parse_time(value) if value else None
+
+
+def event_rows(events: Sequence[Decoded]) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """(job upserts collapsed to the highest seq per build, event inserts)."""
+    newest: dict[int, Decoded] = {}
+    inserts = []
+    for d in events:
+        assert d.body is not None
+        e = d.body
+        inserts.append(
+            (
+                e["event_id"],
+                e["build_id"],
+                e["seq"],
+                e["status"],
+                _t(e["updated_at"]),
+                e["reason"],
+                e["runner_id"],
+                e["exit_code"],
+                e["queue_position"],
+                d.stream_seq,
+                e,
+            )
+        )
+        held = newest.get(e["build_id"])
+        if held is None or held.body is None or held.body["seq"] < e["seq"]:
+            newest[e["build_id"]] = d
+    upserts = []
+    for d in newest.values():
+        assert d.body is not None
+        e = d.body
+        upserts.append(
+            (
+                e["build_id"],
+                e["organization"],
+                e["environment"],
+                e["module_type"],
+                e["module_name"],
+                e["action"],
+                e["status"],
+                e["reason"],
+                e["exit_code"],
+                e["runner_id"],
+                e["queue_position"],
+                e["seq"],
+                e["requested_by"],
+                _t(e["submitted_at"]),
+                _t(e["started_at"]),
+                _t(e["finished_at"]),
+                _t(e["updated_at"]),
+                d.stream_seq,
+                e.get("variables"),
+            )
+        )
+    return upserts, inserts
+
+
+class Ingestor:
+    """One consumer → Postgres loop (kind "events" or "logs")."""
+
+    def __init__(self, ctx: GatewayContext, kind: str) -> None:
+        self.ctx = ctx
+        self.kind = kind
+        subjects = ctx.settings.subjects
+        if kind == "events":
+            self.stream, self.subject = subjects.events_stream, subjects.events_filter()
+            self.schema, self.check = "job_event", _event_matches_subject
+        else:
+            self.stream, self.subject = subjects.logs_stream, subjects.logs_all
+            self.schema, self.check = "log_chunk", _chunk_matches_subject
+        self.consumer = f"ingest-{kind}-{ctx.gateway_id}"
+        self.progress = Contiguity()
+        self._stopping = asyncio.Event()
+
+    async def _subscribe(self) -> Any:
+        config = ConsumerConfig(
+            durable_name=self.consumer,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=30,
+            max_ack_pending=20 * BATCH,
+        )
+        return await self.ctx.js.pull_subscribe(
+            self.subject, durable=self.consumer, stream=self.stream, config=config
+        )
+
+    async def _load_progress(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                mark = await self.ctx.pool.fetchval(
+                    "SELECT watermark FROM ingest_progress WHERE consumer = $1", self.consumer
+                )
+                self.progress = Contiguity(int(mark or 0))
+                return
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning("waiting for postgres", extra={"error": repr(exc)})
+                await asyncio.sleep(1)
+
+    async def run(self) -> None:
+        await self._load_progress()
+        sub = None
+        while not self._stopping.is_set():
+            try:
+                if sub is None:
+                    sub = await self._subscribe()
+                msgs = await sub.fetch(BATCH, timeout=0.5)
+            except (NatsTimeoutError, TimeoutError):
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # NATS down or restarting: try again shortly
+                log.warning("ingest fetch failed", extra={"kind": self.kind, "error": repr(exc)})
+                sub = None
+                await asyncio.sleep(0.5)
+                continue
+            await self._store_until_done(msgs)
+
+    async def _store_until_done(self, msgs: list[Msg]) -> None:
+        decoded = [_decode(m, self.schema, self.check) for m in msgs]
+        delay = 0.2
+        while True:
+            try:
+                await self._store(decoded)
+                break
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                # Postgres is away: keep the batch (tell JetStream we are still on it).
+                log.warning("ingest store failed; retrying", extra={"error": repr(exc)})
+                for m in msgs:
+                    with contextlib.suppress(Exception):
+                        await m.in_progress()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        for d in decoded:
+            if d.error is not None:
+                REJECTED.labels("gateway", self.subject).inc()
+                log.warning(
+                    "message rejected",
+                    extra={"subject": d.subject, "stream_seq": d.stream_seq, "error": d.error},
+                )
+        for m, d in zip(msgs, decoded, strict=True):
+            with contextlib.suppress(Exception):
+                if d.error is None:
+                    await m.ack()
+                else:
+                    await m.term()
+        BATCH_SIZE.labels(self.kind).observe(len(msgs))
+        INGESTED.labels(self.kind).inc(sum(1 for d in decoded if d.error is None))
+
+    async def _store(self, decoded: list[Decoded]) -> None:
+        good = [d for d in decoded if d.error is None]
+        bad = [d for d in decoded if d.error is not None]
+        # Advance a copy; it becomes ours only once the transaction has committed.
+        progress = self.progress.copy()
+        mark = progress.add(d.stream_seq for d in decoded)
+        if (
+            self.kind == "events"
+            and progress.waiting
+            and min(d.stream_seq for d in decoded) > mark + 1
+        ):
+            # Maybe the stream dropped old messages (retention): they will never come.
+            info = await self.ctx.js.stream_info(self.stream)
+            mark = progress.skip_to(info.state.first_seq)
+        async with self.ctx.pool.acquire() as conn, conn.transaction():
+            if self.kind == "events" and good:
+                upserts, inserts = event_rows(good)
+                await conn.executemany(_INSERT_EVENT, inserts)
+                await conn.executemany(_UPSERT_JOB, upserts)
+            elif good:
+                rows = []
+                for d in good:
+                    assert d.body is not None
+                    b = d.body
+                    rows.append(
+                        (b["build_id"], b["offset"], len(b["data"].encode()), b["data"], b["eof"])
+                    )
+                await conn.executemany(_INSERT_CHUNK, rows)
+            if bad:
+                await conn.executemany(
+                    _INSERT_REJECTED, [(d.subject, d.stream_seq, d.error, d.raw) for d in bad]
+                )
+            await conn.execute(_SAVE_PROGRESS, self.consumer, self.kind, mark)
+        self.progress = progress
+
+    def stop(self) -> None:
+        self._stopping.set()

@@ -1,0 +1,70 @@
+"""The runners as `GET /api/runners` and the runners page show them: the live registry in
+KV `xoogify-runners`, plus the `runners` table so that one whose key expired stays listed
+as `lost` for an hour."""
+
+from __future__ import annotations
+
+import contextlib
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from nats.js.errors import NoKeysError, NotFoundError
+
+from services.common import codec, schemas
+from services.common.timefmt import format_time, parse_time
+from services.gateway.context import GatewayContext
+
+KEEP_LOST = timedelta(hours=1)
+
+
+async def _live(ctx: GatewayContext) -> dict[str, dict[str, Any]]:
+    try:
+        kv = await ctx.js.key_value(ctx.settings.subjects.runners_bucket)
+        keys = await kv.keys()
+    except (NotFoundError, NoKeysError):
+        return {}
+    live: dict[str, dict[str, Any]] = {}
+    for key in keys:
+        with contextlib.suppress(Exception):
+            entry = await kv.get(key)
+            if entry.value:
+                value = schemas.decode("runner_registration", entry.value)
+                live[value["runner_id"]] = value
+    return live
+
+
+async def list_runners(ctx: GatewayContext) -> list[dict[str, Any]]:
+    live = await _live(ctx)
+    if live:
+        await ctx.pool.executemany(
+            "INSERT INTO runners (runner_id, registration, last_seen) VALUES ($1, $2, $3)"
+            " ON CONFLICT (runner_id) DO UPDATE SET registration = EXCLUDED.registration,"
+            " last_seen = EXCLUDED.last_seen",
+            [(rid, reg, parse_time(reg["last_seen"])) for rid, reg in live.items()],
+        )
+    since = datetime.now(UTC) - KEEP_LOST
+    rows = await ctx.pool.fetch(
+        "SELECT runner_id, registration, last_seen FROM runners WHERE last_seen > $1"
+        " ORDER BY runner_id",
+        since,
+    )
+    items = []
+    for row in rows:
+        reg = row["registration"]
+        if isinstance(reg, str | bytes):
+            reg = codec.loads(reg)
+        alive = row["runner_id"] in live
+        items.append(
+            {
+                "runner_id": row["runner_id"],
+                "arch": reg["arch"],
+                "kinds": reg["kinds"],
+                "labels": reg["labels"],
+                "version": reg["version"],
+                "hostname": reg["hostname"],
+                "state": reg["state"] if alive else "lost",
+                "current_build_id": reg["current_build_id"] if alive else None,
+                "last_seen": format_time(row["last_seen"]),
+            }
+        )
+    return items
