@@ -90,6 +90,24 @@ def _like_escape(text: str) -> str:
     return text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
+def list_params(flt: JobFilter, limit: int, before: int | None) -> tuple[Any, ...]:
+    """The parameters of the list query for a filter: one more row than asked, so that
+    `next` is set only when there are more."""
+    q = flt.q or None  # an empty q matches everything, as in JobFilter.matches
+    return (
+        flt.organization,
+        flt.environment,
+        flt.status,
+        flt.action,
+        flt.module_type,
+        flt.module_name,
+        q,
+        _like_escape(q) if q else None,
+        before,
+        limit + 1,
+    )
+
+
 async def watermark(pool: asyncpg.Pool) -> int:
     """The highest event stream sequence whose whole prefix is stored (any gateway's)."""
     value = await pool.fetchval(
@@ -103,20 +121,7 @@ async def list_jobs(
 ) -> tuple[list[dict[str, Any]], int | None, int]:
     """(items newest first, `next` for paging, watermark read before the items)."""
     mark = await watermark(pool)
-    q = flt.q
-    rows = await pool.fetch(
-        _LIST_JOBS,
-        flt.organization,
-        flt.environment,
-        flt.status,
-        flt.action,
-        flt.module_type,
-        flt.module_name,
-        q,
-        _like_escape(q) if q else None,
-        before,
-        limit + 1,
-    )
+    rows = await pool.fetch(_LIST_JOBS, *list_params(flt, limit, before))
     items = [job_from_row(r) for r in rows[:limit]]
     next_before = items[-1]["build_id"] if len(rows) > limit else None
     return items, next_before, mark

@@ -1,0 +1,58 @@
+"""Ingestion's pure part: a batch of events as rows, jobs collapsed to the newest seq."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from services.gateway.ingest import Decoded, event_rows
+
+AT = "2026-11-24T07:00:00.123Z"
+
+
+def event(build_id: int, seq: int, status: str = "WORKING") -> dict[str, Any]:
+    return {
+        "build_id": build_id,
+        "organization": "acme",
+        "environment": "stg",
+        "module_type": "amd64/script",
+        "module_name": "hello",
+        "action": "PLAN",
+        "status": status,
+        "reason": None,
+        "exit_code": None,
+        "runner_id": None,
+        "queue_position": None,
+        "seq": seq,
+        "requested_by": "alice",
+        "submitted_at": AT,
+        "started_at": None,
+        "finished_at": None,
+        "updated_at": AT,
+        "event_id": f"{build_id}-{seq}",
+    }
+
+
+def decoded(stream_seq: int, body: dict[str, Any]) -> Decoded:
+    return Decoded(stream_seq, "xoogify.events.acme.stg.1", body, None, b"")
+
+
+def test_one_job_row_per_build_with_its_highest_seq() -> None:
+    batch = [
+        decoded(10, event(1, 1, "IN-PROGRESS")),
+        decoded(11, event(1, 3, "SUCCESS")),
+        decoded(12, event(1, 2, "WORKING")),  # late: must not win
+        decoded(13, event(2, 1, "IN-PROGRESS")),
+    ]
+    upserts, inserts = event_rows(batch)
+    assert [i[0] for i in inserts] == ["1-1", "1-3", "1-2", "2-1"]
+    by_build = {u[0]: u for u in upserts}
+    assert set(by_build) == {1, 2}
+    assert by_build[1][6] == "SUCCESS" and by_build[1][11] == 3 and by_build[1][17] == 11
+    assert by_build[2][11] == 1
+
+
+def test_variables_only_when_the_event_carries_them() -> None:
+    with_vars = event(1, 1) | {"variables": {"A": "1"}}
+    (u1,), _ = event_rows([decoded(1, with_vars)])
+    (u2,), _ = event_rows([decoded(2, event(2, 1))])
+    assert u1[18] == {"A": "1"} and u2[18] is None
