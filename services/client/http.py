@@ -195,9 +195,14 @@ class XoogifyClient:
                 try:
                     async with self._ws() as ws:
                         hello = codec.loads(await ws.recv())
-                        job = await self.get_job(build_id)
-                        if is_final(job["status"]):
-                            return job
+                        try:
+                            job = await self.get_job(build_id)
+                        except ApiError as exc:
+                            if exc.status != 404:  # 404: just submitted, not stored yet
+                                raise
+                        else:
+                            if is_final(job["status"]):
+                                return job
                         filt = {"type": "filter", "q": str(build_id)}
                         filt["since"] = hello.get("watermark", 0)
                         await ws.send(codec.dumps_str(filt))
