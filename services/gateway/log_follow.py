@@ -63,13 +63,17 @@ class LogFollower:
         while upto is None or self.pos < upto:
             limit = READ_LIMIT if upto is None else min(READ_LIMIT, upto - self.pos)
             part = await db.read_log(self.ctx.pool, self.build_id, self.pos, limit)
-            data = part["data"] if part else ""
+            data = part["data"]
             if not data:
-                return bool(part and part["complete"]) and upto is None
+                return bool(part["complete"]) and upto is None
+            # The store may move the start forward to a character boundary.
+            start = max(self.pos, int(part["offset"]))
             if upto is not None:
-                data = data.encode()[: upto - self.pos].decode(errors="ignore")
-            await self._frame(data, self.pos)
-            self.pos += len(data.encode())
+                data = data.encode()[: upto - start].decode(errors="ignore")
+                if not data:
+                    return False
+            await self._frame(data, start)
+            self.pos = start + len(data.encode())
         return False
 
     async def _final_status(self) -> str:
