@@ -215,21 +215,29 @@ class Ingestor:
     async def run(self) -> None:
         await self._load_progress()
         sub = None
-        while not self._stopping.is_set():
-            try:
-                if sub is None:
-                    sub = await self._subscribe()
-                msgs = await sub.fetch(BATCH, timeout=0.5)
-            except (NatsTimeoutError, TimeoutError):
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # NATS down or restarting: try again shortly
-                log.warning("ingest fetch failed", extra={"kind": self.kind, "error": repr(exc)})
-                sub = None
-                await asyncio.sleep(0.5)
-                continue
-            await self._store_until_done(msgs)
+        try:
+            while not self._stopping.is_set():
+                try:
+                    if sub is None:
+                        sub = await self._subscribe()
+                    msgs = await sub.fetch(BATCH, timeout=0.5)
+                except (NatsTimeoutError, TimeoutError):
+                    continue
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # NATS down or restarting: try again shortly
+                    log.warning(
+                        "ingest fetch failed", extra={"kind": self.kind, "error": repr(exc)}
+                    )
+                    sub = None
+                    await asyncio.sleep(0.5)
+                    continue
+                await self._store_until_done(msgs)
+        finally:
+            # A pull subscription left open makes the connection's drain wait it out.
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
 
     async def _store_until_done(self, msgs: list[Msg]) -> None:
         decoded = [_decode(m, self.schema, self.check) for m in msgs]

@@ -1,0 +1,169 @@
+"""Ingestion against real NATS and Postgres: events and log chunks stored once each,
+never moving a job backwards; malformed messages recorded and skipped; the watermark."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import asyncpg
+import httpx
+
+from services.common import codec
+from services.common.config import Settings
+from services.gateway.context import GatewayContext
+from services.gateway.ingest import Decoded, Ingestor
+from tests.integration.ws_support import job_event, publisher, serve_gateway
+from tests.support import eventually
+
+
+async def fetchval(settings: Settings, sql: str, *args: Any) -> Any:
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        return await conn.fetchval(sql, *args)
+    finally:
+        await conn.close()
+
+
+async def wait_events(settings: Settings, count: int) -> None:
+    async def enough() -> bool:
+        return bool(await fetchval(settings, "SELECT count(*) FROM job_events") >= count)
+
+    await eventually(enough, timeout=15)
+
+
+async def test_events_are_stored_once_and_never_move_a_job_back(settings: Settings) -> None:
+    async with publisher(settings) as pub, serve_gateway(settings) as gw:
+        await pub.event(job_event(1, 1))
+        await pub.event(job_event(1, 3, "SUCCESS"))
+        await pub.event(job_event(1, 2, "WORKING"))  # late
+        # A redelivery as a new message (other Nats-Msg-Id would not be deduplicated).
+        subject = settings.subjects.event("acme", "stg", 1)
+        await pub.js.publish(subject, codec.dumps(job_event(1, 2, "WORKING")))
+        last = await pub.last_seq()
+        async with httpx.AsyncClient(base_url=gw.url) as client:
+
+            async def caught_up() -> dict[str, Any] | None:
+                body = (await client.get("/api/jobs")).json()
+                return body if body["watermark"] >= last else None
+
+            listing = await eventually(caught_up, timeout=15)
+            job = (await client.get("/api/jobs/1")).json()
+        assert [j["build_id"] for j in listing["items"]] == [1]
+        assert job["status"] == "SUCCESS" and job["seq"] == 3
+        assert job["finished_at"] == "2026-11-24T07:00:00.123Z"
+        assert [(e["seq"], e["status"]) for e in job["events"]] == [
+            (1, "IN-PROGRESS"),
+            (2, "WORKING"),
+            (3, "SUCCESS"),
+        ]
+    assert await fetchval(settings, "SELECT count(*) FROM job_events") == 3
+
+
+async def test_log_chunks_are_stored_and_read_back_by_offset(settings: Settings) -> None:
+    text = "héllo\nwörld 😀\n"
+    data = text.encode()
+    async with publisher(settings) as pub, serve_gateway(settings) as gw:
+        await pub.event(job_event(4, 1))
+        await pub.event(job_event(4, 2, "WORKING"))
+        await pub.chunk(4, 0, "héllo\n")
+        await pub.chunk(4, 0, "héllo\n")  # a redelivered chunk
+        await pub.chunk(4, len("héllo\n".encode()), "wörld 😀\n")
+        async with httpx.AsyncClient(base_url=gw.url) as client:
+
+            async def stored() -> dict[str, Any] | None:
+                r = await client.get("/api/jobs/4/logs")  # 404 until the job is stored
+                body = r.json()
+                return body if r.status_code == 200 and body["next_offset"] == len(data) else None
+
+            whole = await eventually(stored, timeout=15)
+            assert whole == {
+                "build_id": 4,
+                "offset": 0,
+                "next_offset": len(data),
+                "data": text,
+                "complete": False,  # not final yet
+            }
+            part = (await client.get("/api/jobs/4/logs", params={"offset": 2, "limit": 5})).json()
+            # Offset 2 is inside "é": the answer starts after it and cuts before "\nw"…
+            assert part["offset"] == 3 and part["data"] == "llo\nw"
+            assert part["next_offset"] == 8
+            tail = (await client.get("/api/jobs/4/logs", params={"offset": len(data)})).json()
+            assert tail["data"] == "" and tail["next_offset"] == len(data)
+
+            await pub.chunk(4, len(data), "", eof=True)
+            await pub.event(job_event(4, 3, "SUCCESS"))
+
+            async def complete() -> bool:
+                body = (await client.get("/api/jobs/4/logs")).json()
+                return bool(body["complete"])
+
+            await eventually(complete, timeout=15)
+            missing = await client.get("/api/jobs/999/logs")
+            assert missing.status_code == 404
+    assert await fetchval(settings, "SELECT count(*) FROM job_log_chunks") == 3
+
+
+async def test_malformed_messages_are_recorded_and_later_ones_stored(settings: Settings) -> None:
+    async with publisher(settings) as pub, serve_gateway(settings):
+        subjects = settings.subjects
+        await pub.js.publish(subjects.event("acme", "stg", 2), b"{not json")
+        await pub.js.publish(subjects.event("acme", "stg", 2), codec.dumps({"build_id": 2}))
+        # Valid on its own but published on another build's subject.
+        await pub.js.publish(subjects.event("acme", "stg", 3), codec.dumps(job_event(2, 1)))
+        await pub.js.publish(subjects.log(2), b"\xff\xfe")
+        await pub.js.publish(subjects.log(2), codec.dumps({"build_id": 2, "offset": -1}))
+        await pub.event(job_event(2, 1))
+        await pub.chunk(2, 0, "ok\n")
+        last = await pub.last_seq()
+
+        async def stored() -> bool:
+            chunks = await fetchval(settings, "SELECT count(*) FROM job_log_chunks")
+            return bool(
+                chunks == 1
+                and await fetchval(
+                    settings, "SELECT max(watermark) FROM ingest_progress WHERE kind = 'events'"
+                )
+                == last
+            )
+
+        await eventually(stored, timeout=15)
+    assert await fetchval(settings, "SELECT count(*) FROM rejected_messages") == 5
+    assert (
+        await fetchval(
+            settings, "SELECT count(*) FROM rejected_messages WHERE subject = $1", subjects.log(2)
+        )
+        == 2
+    )
+    assert await fetchval(settings, "SELECT status FROM jobs WHERE build_id = 2") == "IN-PROGRESS"
+    assert await fetchval(settings, "SELECT count(*) FROM job_events") == 1
+
+
+def decoded(stream_seq: int, build_id: int) -> Decoded:
+    body = job_event(build_id, 1)
+    return Decoded(stream_seq, "xoogify.events.acme.stg.x", body, None, codec.dumps(body))
+
+
+async def test_watermark_counts_only_a_contiguous_prefix(settings: Settings) -> None:
+    async with publisher(settings) as pub, serve_gateway(settings) as gw:
+        # The stream holds 1..4, so none of them can be skipped as expired.
+        for build_id in range(1, 5):
+            await pub.event(job_event(100 + build_id, 1))
+        ctx: GatewayContext = dataclasses.replace(gw.app.state.ctx, gateway_id="probe")
+        ingestor = Ingestor(ctx, "events")
+
+        async def mark() -> int:
+            return int(
+                await fetchval(
+                    settings,
+                    "SELECT watermark FROM ingest_progress WHERE consumer = $1",
+                    ingestor.consumer,
+                )
+            )
+
+        await ingestor._store([decoded(1, 11), decoded(3, 13)])
+        assert await mark() == 1
+        await ingestor._store([decoded(4, 14)])
+        assert await mark() == 1  # 2 is still missing
+        await ingestor._store([decoded(2, 12)])
+        assert await mark() == 4
