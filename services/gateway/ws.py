@@ -197,7 +197,7 @@ class Session:
                 client.add_replayed(item)
             if client.generation == generation:
                 client.end_replay(window)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, Stalled):
             raise
         except Exception as exc:
             log.warning("replay failed", extra={"error": repr(exc)})
