@@ -233,3 +233,43 @@ async def test_hub_carries_on_after_a_nats_restart(
                 timeout=30,
             )
         assert stream_seqs(ws) == before + after
+
+
+async def test_watchdog_restarts_a_dead_consumer_from_last_seq(settings: Settings) -> None:
+    async with publisher(settings) as pub, serve_gateway(settings) as gw:
+        gw.hub.watchdog_interval = 0.2
+        async with WsRecorder(gw.ws_url) as ws:
+            before = await pub.life(1)
+            await ws.wait_for(
+                lambda m: (
+                    m.get("type") == "jobs"
+                    and any(i["stream_seq"] == before[-1] for i in m["items"])
+                )
+            )
+            # Kill the hub's consumer behind nats-py's back: only the watchdog brings it back.
+            await gw.hub._sub.unsubscribe()
+            after = await pub.life(2)
+            await ws.wait_for(
+                lambda m: (
+                    m.get("type") == "jobs"
+                    and any(i["stream_seq"] == after[-1] for i in m["items"])
+                ),
+                timeout=15,
+            )
+        assert gw.hub.restarts >= 1
+        assert stream_seqs(ws) == before + after
+
+
+async def test_a_bad_event_is_skipped_and_counted(settings: Settings) -> None:
+    async with publisher(settings) as pub, serve_gateway(settings) as gw:
+        async with WsRecorder(gw.ws_url) as ws:
+            await pub.js.publish(settings.subjects.event("acme", "stg", 1), b'{"build_id": 1}')
+            await pub.js.publish(settings.subjects.event("acme", "stg", 2), b"not json")
+            good = await pub.life(3)
+            await ws.wait_for(
+                lambda m: (
+                    m.get("type") == "jobs" and any(i["stream_seq"] == good[-1] for i in m["items"])
+                )
+            )
+        assert gw.hub.rejected == 2
+        assert stream_seqs(ws) == good
