@@ -25,8 +25,11 @@ import httpx
 from services.common.children import pdeathsig_preexec
 from services.common.config import Settings
 from services.common.embedded import EmbeddedNats, EmbeddedPostgres
+from services.common.terraform_tools import build_provider_mirror
 
-STOP_DEADLINE_S = 20.0
+# Runners drain their job for up to DRAIN_S, then cancel it; the rest stop at once.
+DRAIN_S = 10
+STOP_DEADLINE_S = DRAIN_S + 20.0
 
 
 @dataclass
@@ -179,6 +182,12 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         url = f"http://{args.host}:{args.port}"
         env = dict(os.environ)
         env.setdefault("XOOGIFY_STATE_SECRET", _persistent_secret(data_dir / "state-secret"))
+        env.setdefault("XOOGIFY_DRAIN_TIMEOUT_S", str(DRAIN_S))
+        if not env.get("XOOGIFY_TF_PLUGIN_MIRROR"):
+            # Offline Terraform: providers from the installed wheels, as a local mirror.
+            mirror = build_provider_mirror(data_dir / "tf-mirror")
+            if mirror is not None:
+                env["XOOGIFY_TF_PLUGIN_MIRROR"] = str(mirror)
         env.update(
             XOOGIFY_NATS_URL=nats_url,
             XOOGIFY_DATABASE_URL=database_url,
