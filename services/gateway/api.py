@@ -18,6 +18,7 @@ from starlette.routing import Route
 
 from services.common import codec, schemas
 from services.common.filters import JobFilter
+from services.common.job_object import new_job
 from services.common.status import ACTIONS, Status
 from services.common.timefmt import now_iso
 from services.gateway import db, runners
@@ -70,29 +71,6 @@ def body_hash(body: dict[str, Any]) -> str:
     return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
-def accepted_job(build_id: int, message: dict[str, Any]) -> dict[str, Any]:
-    """The job as its first event will show it: queued, nothing else known yet."""
-    return {
-        "build_id": build_id,
-        "organization": message["organization"],
-        "environment": message["environment"],
-        "module_type": message["module_type"],
-        "module_name": message["module_name"],
-        "action": message["action"],
-        "status": Status.IN_PROGRESS.value,
-        "reason": None,
-        "exit_code": None,
-        "runner_id": None,
-        "queue_position": None,
-        "seq": 1,
-        "requested_by": message["requested_by"],
-        "submitted_at": message["submitted_at"],
-        "started_at": None,
-        "finished_at": None,
-        "updated_at": message["submitted_at"],
-    }
-
-
 async def submit_job(request: Request) -> Response:
     ctx = _ctx(request)
     body = await _json_body(request)
@@ -140,7 +118,7 @@ async def submit_job(request: Request) -> Response:
             current.pop("events", None)
             return JSONResponse(current, status_code=202)
         message = stored
-    return JSONResponse(accepted_job(build_id, message), status_code=202)
+    return JSONResponse(new_job(build_id, message, None), status_code=202)
 
 
 def _filter(request: Request) -> JobFilter:

@@ -146,27 +146,3 @@ class JobRecord:
             stop_reason=value.get("stop_reason"),
             stop_asked_at=value.get("stop_asked_at"),
         )
-
-
-def new_job(build_id: int, message: dict[str, Any], queue_position: int | None) -> dict[str, Any]:
-    """The job object at seq 1, as the gateway already answered it (times = submitted_at)."""
-    submitted_at = message["submitted_at"]
-    return {
-        "build_id": build_id,
-        "organization": message["organization"],
-        "environment": message["environment"],
-        "module_type": message["module_type"],
-        "module_name": message["module_name"],
-        "action": message["action"],
-        "status": Status.IN_PROGRESS.value,
-        "reason": None,
-        "exit_code": None,
-        "runner_id": None,
-        "queue_position": queue_position,
-        "seq": 1,
-        "requested_by": message.get("requested_by"),
-        "submitted_at": submitted_at,
-        "started_at": None,
-        "finished_at": None,
-        "updated_at": submitted_at,
-    }

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.common.config import Settings
+from services.common.job_object import new_job
 from services.common.status import Reason, Status, TransitionError, check_transition
 from services.scheduler.effects import (
     DeleteJob,
@@ -25,7 +26,7 @@ from services.scheduler.effects import (
     SaveJob,
     SendCancel,
 )
-from services.scheduler.jobs import JobRecord, iso, new_job
+from services.scheduler.jobs import JobRecord, iso
 from services.scheduler.runners import RunnerInfo
 
 # A runner must report within cancel_grace_s + this after being asked to stop.

@@ -1,0 +1,31 @@
+"""The contract's job object as it starts: what the gateway answers a submission with and
+what the scheduler publishes as its first event (seq 1, times = submitted_at)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from services.common.status import Status
+
+
+def new_job(build_id: int, message: dict[str, Any], queue_position: int | None) -> dict[str, Any]:
+    submitted_at = message["submitted_at"]
+    return {
+        "build_id": build_id,
+        "organization": message["organization"],
+        "environment": message["environment"],
+        "module_type": message["module_type"],
+        "module_name": message["module_name"],
+        "action": message["action"],
+        "status": Status.IN_PROGRESS.value,
+        "reason": None,
+        "exit_code": None,
+        "runner_id": None,
+        "queue_position": queue_position,
+        "seq": 1,
+        "requested_by": message.get("requested_by"),
+        "submitted_at": submitted_at,
+        "started_at": None,
+        "finished_at": None,
+        "updated_at": submitted_at,
+    }
