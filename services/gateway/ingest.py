@@ -21,6 +21,7 @@ import asyncpg
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 from prometheus_client import Counter, Histogram
 
 from services.common import schemas
@@ -188,11 +189,18 @@ class Ingestor:
         self.progress = Contiguity()
         self._stopping = asyncio.Event()
 
-    async def _subscribe(self) -> Any:
+    async def _subscribe(self, fresh: bool) -> Any:
+        if fresh:
+            # Start over just after the stored watermark. Messages a killed predecessor
+            # fetched but never acked would otherwise come back only after ack_wait,
+            # holding the watermark back that long; re-reading a few is harmless.
+            with contextlib.suppress(NotFoundError):
+                await self.ctx.js.delete_consumer(self.stream, self.consumer)
         config = ConsumerConfig(
             durable_name=self.consumer,
             ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=self.progress.watermark + 1,
             ack_wait=30,
             max_ack_pending=20 * BATCH,
         )
@@ -208,18 +216,20 @@ class Ingestor:
                 )
                 self.progress = Contiguity(int(mark or 0))
                 return
-            except (OSError, asyncpg.PostgresError) as exc:
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("waiting for postgres", extra={"error": repr(exc)})
                 await asyncio.sleep(1)
 
     async def run(self) -> None:
         await self._load_progress()
         sub = None
+        fresh = True
         try:
             while not self._stopping.is_set():
                 try:
                     if sub is None:
-                        sub = await self._subscribe()
+                        sub = await self._subscribe(fresh)
+                        fresh = False
                     msgs = await sub.fetch(BATCH, timeout=0.5)
                 except (NatsTimeoutError, TimeoutError):
                     continue
@@ -232,7 +242,17 @@ class Ingestor:
                     sub = None
                     await asyncio.sleep(0.5)
                     continue
-                await self._store_until_done(msgs)
+                if not msgs:
+                    continue
+                try:
+                    await self._store_until_done(msgs)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    # A bug must not end ingestion: the batch stays unacked, comes back
+                    # after ack_wait, and everything else goes on.
+                    log.exception("ingest batch failed", extra={"kind": self.kind})
+                    await asyncio.sleep(1)
         finally:
             # A pull subscription left open makes the connection's drain wait it out.
             if sub is not None:
