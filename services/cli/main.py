@@ -75,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     logs = sub.add_parser("logs", help="print a job's log")
     logs.add_argument("build_id", type=int)
     logs.add_argument("--follow", action="store_true")
+
+    watch = sub.add_parser("watch", help="print status events as JSON lines, live")
+    watch.add_argument("--org", default=None)
+    watch.add_argument("--env", default=None)
+    watch.add_argument("--status", default=None)
+    watch.add_argument("--since", default=None, metavar="SEQ|10m")
+    watch.add_argument("--allow-gap", action="store_true")
     return parser
 
 
@@ -113,6 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         asyncio.run(migrate(settings.database_url))
         return 0
+    if command == "watch":
+        from services.cli.watch import run as run_watch
+
+        return run_watch(args, settings)
     if command == "up":
         from services.cli.up import up
 
