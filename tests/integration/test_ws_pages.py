@@ -18,6 +18,13 @@ HOSTILE_IMG = '<img src=x onerror="alert(2)">'
 async def test_pages_render_jobs_and_escape_user_text(settings: Settings) -> None:
     async with publisher(settings) as pub, serve_gateway(settings) as gw:
         await pub.event(job_event(11, 1, variables={"note": HOSTILE}))
+        async with httpx.AsyncClient(base_url=gw.url) as http:
+
+            async def first_stored() -> bool:
+                return (await http.get("/api/jobs/11")).status_code == 200
+
+            # Stored on its own: the variables ride on the first event only.
+            await eventually(first_stored)
         await pub.event(job_event(11, 2, "WORKING"))
         line = f"\x1b[32mok\x1b[0m {HOSTILE_IMG}\n"
         await pub.chunk(11, 0, line)

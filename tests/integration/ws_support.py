@@ -14,15 +14,16 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
+import httpx
 import uvicorn
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from services.gateway.app import create_app
 from starlette.applications import Starlette
 
 from services.common import bus, codec
 from services.common.config import Settings
 from services.common.subjects import event_msg_id
+from services.gateway.app import create_app
 from services.gateway.hub import Hub
 
 AT = "2026-11-24T07:00:00.123Z"
@@ -132,11 +133,17 @@ async def serve_gateway(settings: Settings) -> AsyncIterator[Gateway]:
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     try:
-        async with asyncio.timeout(30):
-            while not server.started:
+        async with asyncio.timeout(30), httpx.AsyncClient() as http:
+            # Listening first, then ready (NATS, Postgres and the hub up).
+            while True:
                 if task.done():
                     task.result()
-                    raise RuntimeError("gateway stopped before it started")
+                    raise RuntimeError("gateway stopped before it was ready")
+                if server.started:
+                    with contextlib.suppress(httpx.HTTPError):
+                        ready = await http.get(f"{settings.gateway_url}/readyz", timeout=1)
+                        if ready.status_code == 200 and app.state.ctx.hub is not None:
+                            break
                 await asyncio.sleep(0.02)
         yield Gateway(app, settings.gateway_url)
     finally:
