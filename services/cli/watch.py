@@ -26,7 +26,6 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from services.common import codec, schemas
 from services.common.config import Settings
 from services.common.status import Status
-from services.common.timefmt import format_time
 
 EXIT_OK, EXIT_USAGE, EXIT_GAP, EXIT_INTERRUPTED = 0, 2, 3, 130
 
@@ -63,7 +62,7 @@ class Start:
 
     deliver_policy: DeliverPolicy
     opt_start_seq: int | None = None
-    opt_start_time: str | None = None
+    opt_start_time: datetime | None = None
     gap: dict[str, Any] | None = None
 
 
@@ -76,7 +75,7 @@ def plan_start(since: Since, first_seq: int) -> Start:
             return Start(DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=first_seq, gap=gap)
         return Start(DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=wanted)
     if since.moment is not None:
-        return Start(DeliverPolicy.BY_START_TIME, opt_start_time=format_time(since.moment))
+        return Start(DeliverPolicy.BY_START_TIME, opt_start_time=since.moment)
     return Start(DeliverPolicy.NEW)
 
 

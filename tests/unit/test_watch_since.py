@@ -74,7 +74,7 @@ def test_plan_start_reports_a_gap_and_starts_at_the_first_retained() -> None:
 def test_plan_start_by_time_and_live() -> None:
     start = plan_start(parse_since("10m", NOW), first_seq=1)
     assert start.deliver_policy is DeliverPolicy.BY_START_TIME
-    assert start.opt_start_time == "2026-11-24T11:50:00.000Z"
+    assert start.opt_start_time == datetime(2026, 11, 24, 11, 50, tzinfo=UTC)
     assert plan_start(Since(), first_seq=5).deliver_policy is DeliverPolicy.NEW
 
 
