@@ -7,6 +7,7 @@ on; small ES-module scripts in `web/static/` keep each page live over `/ws`.
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from typing import Any
@@ -29,6 +30,7 @@ PAGE_SIZE = 50
 FIRST_LOG_BYTES = 256 * 1024
 RAW_PIECE = 1024 * 1024
 MAX_BUILD_ID = 2**63 - 1  # a Postgres bigint
+INGEST_WAIT_S = 5.0
 
 _env = jinja2.Environment(
     loader=jinja2.FileSystemLoader(str(WEB_DIR / "templates")),
@@ -61,6 +63,31 @@ def first_log_part(data: str) -> str:
     return data[: cut + 1] if cut != -1 else data
 
 
+async def get_job_soon(ctx: GatewayContext, build_id: int) -> dict[str, Any] | None:
+    """The job from Postgres; for a job already submitted but not yet stored (the page of a
+    job opened right after its submission), wait a little for ingestion to catch up."""
+    if build_id > MAX_BUILD_ID:
+        return None
+    job = await db.get_job(ctx.pool, build_id)
+    if job is not None:
+        return job
+    try:
+        info = await ctx.js.stream_info(ctx.settings.subjects.submit_stream)
+    except Exception:
+        return None
+    # Build IDs are the submit stream's sequences: a higher one was never submitted.
+    if build_id > info.state.last_seq:
+        return None
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + INGEST_WAIT_S
+    while loop.time() < deadline:
+        await asyncio.sleep(0.1)
+        job = await db.get_job(ctx.pool, build_id)
+        if job is not None:
+            return job
+    return None
+
+
 async def jobs_page(request: Request) -> Response:
     ctx = _ctx(request)
     values = _filter_values(request)
@@ -86,7 +113,7 @@ async def jobs_page(request: Request) -> Response:
 async def job_page(request: Request) -> Response:
     ctx = _ctx(request)
     build_id = int(request.path_params["build_id"])
-    job = await db.get_job(ctx.pool, build_id) if build_id <= MAX_BUILD_ID else None
+    job = await get_job_soon(ctx, build_id)
     if job is None:
         return templates.TemplateResponse(
             request, "404.html", {"what": f"job {build_id}"}, status_code=404
@@ -117,7 +144,7 @@ async def job_page(request: Request) -> Response:
 async def raw_log(request: Request) -> Response:
     ctx = _ctx(request)
     build_id = int(request.path_params["build_id"])
-    if build_id > MAX_BUILD_ID or await db.get_job(ctx.pool, build_id) is None:
+    if await get_job_soon(ctx, build_id) is None:
         return templates.TemplateResponse(
             request, "404.html", {"what": f"job {build_id}"}, status_code=404
         )

@@ -3,6 +3,7 @@ columns, the job page, the raw log, the runners page, and that user text stays t
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import httpx
@@ -88,3 +89,21 @@ async def test_pages_render_jobs_and_escape_user_text(settings: Settings) -> Non
 
             static = await http.get("/static/jobs.js")
             assert static.status_code == 200 and "LiveSocket" in static.text
+
+
+async def test_job_page_of_a_just_submitted_job_waits_for_ingestion(settings: Settings) -> None:
+    async with publisher(settings) as pub, serve_gateway(settings) as gw:
+        # Build IDs are submit-stream sequences; no scheduler runs, so publish its part.
+        ack = await pub.js.publish(settings.subjects.submit, b"{}")
+        build_id = int(ack.seq)
+        async with httpx.AsyncClient(base_url=gw.url, timeout=30) as http:
+            page = asyncio.create_task(http.get(f"/jobs/{build_id}"))
+            await pub.event(job_event(build_id, 1))
+            answer = await page
+            assert answer.status_code == 200
+            assert f"<h1>Job {build_id} " in answer.text
+
+            started = asyncio.get_running_loop().time()
+            never = await http.get(f"/jobs/{build_id + 1}")
+            assert never.status_code == 404
+            assert asyncio.get_running_loop().time() - started < 2  # not waited for
