@@ -1,0 +1,146 @@
+"""Webhook routes: create, list, delete a webhook and list its deliveries.
+
+A webhook gets a signed JSON POST of every status event of its organization whose status
+it names (services.gateway.webhook_delivery). Its secret is stored as given, because every
+delivery is signed with it, and is never returned.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from services.common import codec, schemas
+from services.common.timefmt import format_time
+from services.gateway.context import GatewayContext
+from services.gateway.errors import ApiError
+
+MAX_BODY = 16 * 1024
+MAX_LIMIT = 500
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_WEBHOOK_FIELDS = "id, organization, url, statuses, created_at"
+_DELIVERY_FIELDS = (
+    "id, webhook_id, event_id, build_id, seq, status, attempts, last_status_code,"
+    " last_error, next_attempt_at, delivered_at, created_at"
+)
+
+
+def _pool(request: Request) -> asyncpg.Pool:
+    ctx: GatewayContext = request.app.state.ctx
+    return ctx.pool
+
+
+def webhook_from_row(row: Any) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "organization": row["organization"],
+        "url": row["url"],
+        "statuses": list(row["statuses"]),
+        "created_at": format_time(row["created_at"]),
+    }
+
+
+def delivery_from_row(row: Any) -> dict[str, Any]:
+    item = {name: row[name] for name in _DELIVERY_FIELDS.replace(" ", "").split(",")}
+    for name in ("next_attempt_at", "delivered_at", "created_at"):
+        if item[name] is not None:
+            item[name] = format_time(item[name])
+    return item
+
+
+def validate_create(body: Any) -> dict[str, Any]:
+    """The body of POST /api/webhooks, or ApiError 422 naming each bad field."""
+    try:
+        schemas.check("webhook_create", body)
+    except schemas.SchemaError as exc:
+        fields = exc.fields()
+        if "secret" in fields:
+            fields["secret"] = "must be 8..256 characters"  # never echo the secret back
+        raise ApiError(422, "invalid webhook", fields=fields) from None
+    url = urlsplit(body["url"])
+    if url.scheme.lower() not in ("http", "https") or not url.hostname:
+        raise ApiError(422, "invalid webhook", fields={"url": "must be an http(s) URL"})
+    return dict(body)
+
+
+async def _json_body(request: Request) -> Any:
+    body = await request.body()
+    if len(body) > MAX_BODY:
+        raise ApiError(413, f"request body over {MAX_BODY} bytes")
+    try:
+        return codec.loads(body)
+    except ValueError:
+        raise ApiError(400, "body is not valid JSON", "invalid-json") from None
+
+
+def _webhook_id(request: Request) -> int:
+    value = int(request.path_params["webhook_id"])
+    if value > 2**63 - 1:
+        raise ApiError(404, f"no webhook {value}")
+    return value
+
+
+async def create_webhook(request: Request) -> Response:
+    body = validate_create(await _json_body(request))
+    row = await _pool(request).fetchrow(
+        "INSERT INTO webhooks (organization, url, statuses, secret) VALUES ($1, $2, $3, $4)"
+        f" RETURNING {_WEBHOOK_FIELDS}",
+        body["organization"],
+        body["url"],
+        body["statuses"],
+        body["secret"],
+    )
+    return JSONResponse(webhook_from_row(row), status_code=201)
+
+
+async def list_webhooks(request: Request) -> Response:
+    organization = request.query_params.get("organization") or None
+    if organization is not None and not _NAME.match(organization):
+        raise ApiError(422, "invalid organization", fields={"organization": "not a valid name"})
+    rows = await _pool(request).fetch(
+        f"SELECT {_WEBHOOK_FIELDS} FROM webhooks"
+        " WHERE ($1::text IS NULL OR organization = $1) ORDER BY id",
+        organization,
+    )
+    return JSONResponse({"items": [webhook_from_row(r) for r in rows]})
+
+
+async def delete_webhook(request: Request) -> Response:
+    webhook_id = _webhook_id(request)
+    deleted = await _pool(request).fetchval(
+        "DELETE FROM webhooks WHERE id = $1 RETURNING id", webhook_id
+    )
+    if deleted is None:
+        raise ApiError(404, f"no webhook {webhook_id}")
+    return Response(status_code=204)
+
+
+async def list_deliveries(request: Request) -> Response:
+    webhook_id = _webhook_id(request)
+    raw_limit = request.query_params.get("limit") or "100"
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIMIT:
+        raise ApiError(422, "limit out of range", fields={"limit": f"must be 1..{MAX_LIMIT}"})
+    pool = _pool(request)
+    if await pool.fetchval("SELECT 1 FROM webhooks WHERE id = $1", webhook_id) is None:
+        raise ApiError(404, f"no webhook {webhook_id}")
+    rows = await pool.fetch(
+        f"SELECT {_DELIVERY_FIELDS} FROM webhook_deliveries WHERE webhook_id = $1"
+        " ORDER BY id DESC LIMIT $2",
+        webhook_id,
+        int(raw_limit),
+    )
+    return JSONResponse({"items": [delivery_from_row(r) for r in rows]})
+
+
+routes = [
+    Route("/api/webhooks", create_webhook, methods=["POST"]),
+    Route("/api/webhooks", list_webhooks, methods=["GET"]),
+    Route("/api/webhooks/{webhook_id:int}", delete_webhook, methods=["DELETE"]),
+    Route("/api/webhooks/{webhook_id:int}/deliveries", list_deliveries, methods=["GET"]),
+]
