@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from services.common import state_auth
 from services.common.status import FINAL, MUTATING_ACTIONS, Status
 from services.common.subjects import event_msg_id
 from services.common.timefmt import format_time, parse_time
@@ -102,10 +103,12 @@ class JobRecord:
             }
         return payload
 
-    def dispatch(self) -> dict[str, Any]:
-        """The work message for runners (schema dispatch), with clear variables."""
+    def dispatch(self, state_secret: str = "", gateway_url: str = "") -> dict[str, Any]:
+        """The work message for runners (schema dispatch), with clear variables; a terraform
+        job also gets its workspace's state backend address and per-job credentials (only
+        here: never in a status event)."""
         job = self.job
-        return {
+        message: dict[str, Any] = {
             "build_id": self.build_id,
             "organization": job["organization"],
             "environment": job["environment"],
@@ -117,6 +120,11 @@ class JobRecord:
             "timeout_s": self.timeout_s,
             "attempt": self.attempt,
         }
+        if self.kind == "terraform":
+            message["state"] = state_auth.issue(
+                state_secret, gateway_url, self.build_id, *self.workspace
+            ).as_dict()
+        return message
 
     @property
     def dispatch_msg_id(self) -> str:

@@ -11,10 +11,10 @@ duplicate message is refused at claim time).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from services.common.config import Settings
+from services.common.config import DEFAULT_GATEWAY_URL, Settings
 from services.common.job_object import new_job
 from services.common.status import Reason, Status, TransitionError, check_transition
 from services.scheduler.effects import (
@@ -47,6 +47,10 @@ class Limits:
     cancel_resend_s: float = 2.0
     # Registration clocks of other hosts may be a little ahead of ours.
     clock_skew_s: float = 2.0
+    # Not limits, but settings the dispatch of a terraform job needs: its per-job state
+    # credentials are signed with the secret the gateway checks them with.
+    state_secret: str = field(default="", repr=False)
+    gateway_url: str = DEFAULT_GATEWAY_URL
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
@@ -54,6 +58,8 @@ class Limits:
             queue_timeout_s=settings.queue_timeout_s,
             default_timeout_s=settings.default_timeout_s,
             cancel_grace_s=settings.cancel_grace_s,
+            state_secret=settings.state_secret,
+            gateway_url=settings.gateway_url,
         )
 
 
@@ -258,7 +264,8 @@ class Machine:
     def _dispatch(self, rec: JobRecord, now: float) -> list[Effect]:
         rec.dispatched = True
         self._clock_no_runner(rec, now)
-        return [Dispatch(rec.arch, rec.kind, rec.build_id, rec.dispatch_msg_id, rec.dispatch())]
+        payload = rec.dispatch(self.limits.state_secret, self.limits.gateway_url)
+        return [Dispatch(rec.arch, rec.kind, rec.build_id, rec.dispatch_msg_id, payload)]
 
     def _clock_no_runner(self, rec: JobRecord, now: float) -> None:
         if any(info.serves(rec.arch, rec.kind) for info in self.runners.values()):
