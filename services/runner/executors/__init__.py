@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from services.runner.executors.base import Executor
 from services.runner.executors.script import ScriptExecutor
+from services.runner.executors.terraform import TerraformExecutor
 
 EXECUTORS: dict[str, Executor] = {
     "script": ScriptExecutor(),
+    "terraform": TerraformExecutor(),
 }
