@@ -117,9 +117,21 @@ def _t(value: str | None) -> Any:
     return parse_time(value) if value else None
 
 
-def event_rows(events: Sequence[Decoded]) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-    """(job upserts collapsed to the highest seq per build, event inserts)."""
+_FILL_VARIABLES = """
+UPDATE jobs SET variables = $2 WHERE build_id = $1 AND variables IS NULL
+"""
+
+
+def event_rows(
+    events: Sequence[Decoded],
+) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """(job upserts collapsed to the highest seq per build, event inserts, variables fills).
+
+    Only the first event of a job carries its variables; collapsing must not lose them,
+    and a first event that arrives after later ones (a redelivery) still fills them in.
+    """
     newest: dict[int, Decoded] = {}
+    variables: dict[int, dict[str, str]] = {}
     inserts = []
     for d in events:
         assert d.body is not None
@@ -139,6 +151,8 @@ def event_rows(events: Sequence[Decoded]) -> tuple[list[tuple[Any, ...]], list[t
                 e,
             )
         )
+        if e.get("variables") is not None:
+            variables[e["build_id"]] = e["variables"]
         held = newest.get(e["build_id"])
         if held is None or held.body is None or held.body["seq"] < e["seq"]:
             newest[e["build_id"]] = d
@@ -166,10 +180,10 @@ def event_rows(events: Sequence[Decoded]) -> tuple[list[tuple[Any, ...]], list[t
                 _t(e["finished_at"]),
                 _t(e["updated_at"]),
                 d.stream_seq,
-                e.get("variables"),
+                variables.get(e["build_id"]),
             )
         )
-    return upserts, inserts
+    return upserts, inserts, list(variables.items())
 
 
 class Ingestor:
@@ -306,9 +320,10 @@ class Ingestor:
             mark = progress.skip_to(info.state.first_seq)
         async with self.ctx.pool.acquire() as conn, conn.transaction():
             if self.kind == "events" and good:
-                upserts, inserts = event_rows(good)
+                upserts, inserts, fills = event_rows(good)
                 await conn.executemany(_INSERT_EVENT, inserts)
                 await conn.executemany(_UPSERT_JOB, upserts)
+                await conn.executemany(_FILL_VARIABLES, fills)
             elif good:
                 rows = []
                 for d in good:

@@ -43,7 +43,7 @@ def test_one_job_row_per_build_with_its_highest_seq() -> None:
         decoded(12, event(1, 2, "WORKING")),  # late: must not win
         decoded(13, event(2, 1, "IN-PROGRESS")),
     ]
-    upserts, inserts = event_rows(batch)
+    upserts, inserts, _ = event_rows(batch)
     assert [i[0] for i in inserts] == ["1-1", "1-3", "1-2", "2-1"]
     by_build = {u[0]: u for u in upserts}
     assert set(by_build) == {1, 2}
@@ -53,6 +53,16 @@ def test_one_job_row_per_build_with_its_highest_seq() -> None:
 
 def test_variables_only_when_the_event_carries_them() -> None:
     with_vars = event(1, 1) | {"variables": {"A": "1"}}
-    (u1,), _ = event_rows([decoded(1, with_vars)])
-    (u2,), _ = event_rows([decoded(2, event(2, 1))])
+    (u1,), _, fills1 = event_rows([decoded(1, with_vars)])
+    (u2,), _, fills2 = event_rows([decoded(2, event(2, 1))])
     assert u1[18] == {"A": "1"} and u2[18] is None
+    assert fills1 == [(1, {"A": "1"})] and fills2 == []
+
+
+def test_collapsing_keeps_the_variables_of_the_first_event() -> None:
+    first = event(1, 1, "IN-PROGRESS") | {"variables": {"A": "1", "S": "***"}}
+    (upsert,), _, fills = event_rows(
+        [decoded(1, first), decoded(2, event(1, 2)), decoded(3, event(1, 3, "SUCCESS"))]
+    )
+    assert upsert[11] == 3 and upsert[18] == {"A": "1", "S": "***"}
+    assert fills == [(1, {"A": "1", "S": "***"})]
