@@ -20,11 +20,12 @@ from starlette.staticfiles import StaticFiles
 
 from services.common import bus
 from services.common.config import WEB_DIR, Settings
-from services.gateway import api, db, health, migrate, pages, state_backend, ws
+from services.gateway import api, db, health, migrate, openapi, pages, state_backend, webhooks, ws
 from services.gateway.context import GatewayContext
 from services.gateway.errors import handlers
 from services.gateway.hub import Hub
 from services.gateway.ingest import Ingestor
+from services.gateway.webhook_delivery import WebhookConfig, WebhookWorker
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +58,13 @@ def create_app(settings: Settings, gateway_id: str = "gw") -> Starlette:
         tasks = [asyncio.create_task(i.run(), name=f"ingest-{i.kind}") for i in ingestors]
         ctx.hub = Hub(ctx)
         await ctx.hub.start()
+        webhook_worker = WebhookWorker(pool, WebhookConfig.from_env())
+        webhook_worker.start()
         log.info("gateway started", extra={"gateway_id": gateway_id})
         try:
             yield
         finally:
+            await webhook_worker.stop()
             await ctx.hub.stop()
             for ingestor in ingestors:
                 ingestor.stop()
@@ -76,6 +80,8 @@ def create_app(settings: Settings, gateway_id: str = "gw") -> Starlette:
     routes = [
         *health.routes,
         *api.routes,
+        *webhooks.routes,
+        *openapi.routes,
         *state_backend.routes,
         WebSocketRoute("/ws", ws.websocket_endpoint),
         Mount("/static", StaticFiles(directory=WEB_DIR / "static"), name="static"),
