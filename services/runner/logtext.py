@@ -61,7 +61,11 @@ def truncation_line(cap_bytes: int) -> str:
 
 class LogCap:
     """Let through at most `cap_bytes` bytes of output, then one line that says the log
-    was truncated, then nothing more of the output."""
+    was truncated, then nothing more of the output.
+
+    The notice starts on a line of its own; a newline put before it to end a cut line
+    counts against the cap, so the whole log is never more than the cap plus the notice.
+    """
 
     def __init__(self, cap_bytes: int) -> None:
         self.cap_bytes = cap_bytes
@@ -75,15 +79,20 @@ class LogCap:
         if self.truncated or not text:
             return ""
         size = utf8_len(text)
-        if self.used + size <= self.cap_bytes:
+        # Output that leaves a line open keeps one byte free for the newline the notice
+        # may need, so `used < cap` whenever a line is open.
+        limit = self.cap_bytes if text.endswith("\n") else self.cap_bytes - 1
+        if self.used + size <= limit:
             self.used += size
             self._at_line_start = text.endswith("\n")
             return text
         head = prefix_within(text, self.cap_bytes - self.used)
+        if not (head.endswith("\n") or (not head and self._at_line_start)):
+            head = prefix_within(text, self.cap_bytes - self.used - 1)
         self.used += utf8_len(head)
         self.truncated = True
         if head:
             self._at_line_start = head.endswith("\n")
-        # The notice goes on a line of its own, after the cap (it is not counted in it).
         newline = "" if self._at_line_start else "\n"
+        self.used += len(newline)
         return head + newline + truncation_line(self.cap_bytes)

@@ -82,10 +82,11 @@ def test_cap_truncates_with_a_line_and_offsets_stay_contiguous() -> None:
     text = check_contiguous(chunks)
     kept, notice_and_note = text[:100], text[100:]
     assert len(kept.encode()) == 100
-    # The cap fell inside "line 13", so the notice starts a line of its own.
-    assert kept.endswith("line 12\nline 1")
+    # The cap fell inside "line 13", so the notice starts a line of its own; that newline
+    # counts against the cap.
+    assert kept.endswith("line 12\nline \n")
     assert notice_and_note == (
-        "\n" + truncation_line(100) + "[xoogify] a note after the cap still shows\n"
+        truncation_line(100) + "[xoogify] a note after the cap still shows\n"
     )
     assert "line 49" not in text
 

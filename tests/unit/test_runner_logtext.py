@@ -86,7 +86,8 @@ def test_cap_lets_output_through_until_the_cap() -> None:
 def test_cap_cuts_inside_a_piece_and_starts_the_notice_on_its_own_line() -> None:
     cap = LogCap(8)
     out = cap.take("hello world\n")
-    assert out == "hello wo\n[xoogify] log truncated at 8 bytes; the job goes on\n"
+    # The newline that ends the cut line counts against the cap.
+    assert out == "hello w\n[xoogify] log truncated at 8 bytes; the job goes on\n"
     assert cap.used == 8
 
 
@@ -94,7 +95,21 @@ def test_cap_counts_bytes_not_characters_and_never_cuts_a_character() -> None:
     cap = LogCap(5)
     out = cap.take("€€")  # 6 bytes: only one € (3 bytes) fits
     assert out.startswith("€\n[xoogify] log truncated at 5 bytes")
-    assert cap.used == 3
+    assert cap.used == 4  # the € and the newline before the notice
+
+
+@pytest.mark.parametrize("cap_bytes", range(1, 24))
+@pytest.mark.parametrize("pieces", [["ab", "cd\n", "efgh"], ["abcdefgh\n", "ij\n"], ["x" * 30]])
+def test_log_is_never_longer_than_cap_plus_notice(cap_bytes: int, pieces: list[str]) -> None:
+    cap = LogCap(cap_bytes)
+    out = "".join(cap.take(p) for p in pieces) + cap.take("more\n")
+    if cap.truncated:
+        notice = truncation_line(cap_bytes)
+        assert out.endswith(notice) and out.count(notice) == 1
+        assert len(out.encode()) <= cap_bytes + len(notice.encode())
+        assert out[: -len(notice)] == "" or out[: -len(notice)].endswith("\n")
+    else:
+        assert out == "".join(pieces) + "more\n"
 
 
 def test_truncation_line_wording() -> None:
