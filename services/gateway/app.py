@@ -1,8 +1,10 @@
 """The gateway: one Starlette app serving the API, the pages, `/ws` and the Terraform state
 backend, and ingesting JetStream into Postgres in the background.
 
-`create_app` builds it (the lifespan connects NATS and Postgres, migrates, starts ingestion
-and the websocket hub); `serve` runs it under uvicorn until SIGTERM/SIGINT.
+`create_app` builds it; `serve` runs it under uvicorn until SIGTERM/SIGINT. The app
+answers at once, even while NATS or Postgres are still down: `/healthz` says it runs,
+`/readyz` says what it waits for, and everything else answers 503 until the lifespan's
+start-up task (connect, migrate, start ingestion and the hub) has finished.
 """
 
 from __future__ import annotations
@@ -14,15 +16,18 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import uvicorn
+from nats.aio.client import Client
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.routing import Mount, WebSocketRoute
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.common import bus
 from services.common.config import WEB_DIR, Settings
 from services.gateway import api, db, health, migrate, openapi, pages, state_backend, webhooks, ws
 from services.gateway.context import GatewayContext
-from services.gateway.errors import handlers
+from services.gateway.errors import error_response, handlers
 from services.gateway.hub import Hub
 from services.gateway.ingest import Ingestor
 from services.gateway.webhook_delivery import WebhookConfig, WebhookWorker
@@ -30,6 +35,25 @@ from services.gateway.webhook_delivery import WebhookConfig, WebhookWorker
 log = logging.getLogger(__name__)
 
 SHUTDOWN_DEADLINE_S = 10
+# How long start-up may hold the server back, and a request wait for it, before the
+# gateway serves anyway (503 until ready): long enough for the usual case, short enough
+# that /healthz answers soon while NATS or Postgres are down.
+START_WAIT_S = 2.0
+_ALWAYS_OPEN = ("/healthz", "/readyz", "/metrics", "/static/")
+
+
+async def _connect_nats(settings: Settings, gateway_id: str) -> Client:
+    """Wait for NATS (it may start after us); afterwards the client reconnects by itself."""
+    delay = 0.2
+    while True:
+        try:
+            nc = await bus.connect(settings, f"gateway-{gateway_id}")
+            await bus.ensure_streams(nc.jetstream(), settings)
+            return nc
+        except Exception as exc:
+            log.warning("waiting for nats", extra={"error": repr(exc)})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 async def _connect_postgres(settings: Settings) -> asyncpg.Pool:
@@ -45,37 +69,93 @@ async def _connect_postgres(settings: Settings) -> asyncpg.Pool:
             delay = min(delay * 2, 5.0)
 
 
+class Running:
+    """What the start-up task built, for the shutdown to take apart in reverse."""
+
+    def __init__(self) -> None:
+        self.nc: Client | None = None
+        self.pool: asyncpg.Pool | None = None
+        self.ctx: GatewayContext | None = None
+        self.ingestors: list[Ingestor] = []
+        self.tasks: list[asyncio.Task[None]] = []
+        self.webhooks: WebhookWorker | None = None
+
+    async def start(self, app: Starlette, settings: Settings, gateway_id: str) -> None:
+        self.nc = await _connect_nats(settings, gateway_id)
+        app.state.nc = self.nc  # /readyz reports NATS while Postgres is still awaited
+        self.pool = await _connect_postgres(settings)
+        ctx = GatewayContext(settings, gateway_id, self.pool, self.nc, self.nc.jetstream())
+        self.ingestors = [Ingestor(ctx, "events"), Ingestor(ctx, "logs")]
+        self.tasks = [asyncio.create_task(i.run(), name=f"ingest-{i.kind}") for i in self.ingestors]
+        ctx.hub = Hub(ctx)
+        await ctx.hub.start()
+        self.webhooks = WebhookWorker(self.pool, WebhookConfig.from_env())
+        self.webhooks.start()
+        self.ctx = ctx
+        app.state.ctx = ctx  # from here on requests are served
+        app.state.started.set()
+        log.info("gateway started", extra={"gateway_id": gateway_id})
+
+    async def stop(self) -> None:
+        if self.webhooks is not None:
+            await self.webhooks.stop()
+        if self.ctx is not None and self.ctx.hub is not None:
+            await self.ctx.hub.stop()
+        for ingestor in self.ingestors:
+            ingestor.stop()
+        if self.tasks:
+            # Let a batch in hand finish its transaction and acks, then stop.
+            _, pending = await asyncio.wait(self.tasks, timeout=5)
+            for task in pending:
+                task.cancel()
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.nc.drain(), 5)
+        if self.pool is not None:
+            await self.pool.close()
+        log.info("gateway stopped")
+
+
+class WaitForStart:
+    """Until the start-up task is done, answer 503 (HTTP, JSON) or close 1013 (websocket,
+    "try again later") instead of failing on a context that does not exist yet."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket") or scope["path"].startswith(_ALWAYS_OPEN):
+            await self.app(scope, receive, send)
+            return
+        state = scope["app"].state
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(state.started.wait(), START_WAIT_S)
+        if getattr(state, "ctx", None) is not None:
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1013, "reason": "starting"})
+            return
+        response = error_response(503, "the gateway is starting: waiting for NATS and Postgres")
+        await response(scope, receive, send)
+
+
 def create_app(settings: Settings, gateway_id: str = "gw") -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        nc = await bus.connect(settings, f"gateway-{gateway_id}")
-        js = nc.jetstream()
-        await bus.ensure_streams(js, settings)
-        pool = await _connect_postgres(settings)
-        ctx = GatewayContext(settings, gateway_id, pool, nc, js)
-        app.state.ctx = ctx
-        ingestors = [Ingestor(ctx, "events"), Ingestor(ctx, "logs")]
-        tasks = [asyncio.create_task(i.run(), name=f"ingest-{i.kind}") for i in ingestors]
-        ctx.hub = Hub(ctx)
-        await ctx.hub.start()
-        webhook_worker = WebhookWorker(pool, WebhookConfig.from_env())
-        webhook_worker.start()
-        log.info("gateway started", extra={"gateway_id": gateway_id})
+        running = Running()
+        app.state.started = asyncio.Event()
+        starting = asyncio.create_task(running.start(app, settings, gateway_id))
+        await asyncio.wait([starting], timeout=START_WAIT_S)
+        if starting.done() and starting.exception() is not None:
+            raise RuntimeError("gateway start-up failed") from starting.exception()
         try:
             yield
         finally:
-            await webhook_worker.stop()
-            await ctx.hub.stop()
-            for ingestor in ingestors:
-                ingestor.stop()
-            # Let a batch in hand finish its transaction and acks, then stop.
-            _, pending = await asyncio.wait(tasks, timeout=5)
-            for task in pending:
-                task.cancel()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(nc.drain(), 5)
-            await pool.close()
-            log.info("gateway stopped")
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await starting
+            await running.stop()
 
     routes = [
         *health.routes,
@@ -87,7 +167,12 @@ def create_app(settings: Settings, gateway_id: str = "gw") -> Starlette:
         Mount("/static", StaticFiles(directory=WEB_DIR / "static"), name="static"),
         *pages.routes,
     ]
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers=handlers,
+        middleware=[Middleware(WaitForStart)],
+    )
 
 
 async def serve(settings: Settings, host: str, port: int, gateway_id: str = "gw") -> None:

@@ -19,7 +19,9 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     ctx: GatewayContext | None = getattr(request.app.state, "ctx", None)
-    nats_up = bool(ctx and ctx.nc.is_connected)
+    # While starting, the NATS client exists before the context does.
+    nc = ctx.nc if ctx is not None else getattr(request.app.state, "nc", None)
+    nats_up = bool(nc is not None and nc.is_connected)
     postgres_up = False
     if ctx is not None:
         try:
