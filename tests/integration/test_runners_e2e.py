@@ -235,3 +235,29 @@ async def test_cli_and_api_agree_on_queue_positions(stack: Stack) -> None:
         assert '"queue_position":1' in listed.stdout.replace(" ", "")
         await xo.cancel(first)
         await stored_job(xo, second, status="WORKING", timeout=30)
+
+
+async def test_a_busy_runner_is_not_no_runner_and_a_late_runner_is_in_time(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """`no-runner` means no live runner of that arch + kind: a job waiting behind a busy
+    one is not failed, and a job whose runner starts within the queue timeout runs."""
+    stack = Stack(dataclasses.replace(settings, queue_timeout_s=4), tmp_path / "logs")
+    try:
+        await stack.start_all()  # runner-1, amd64
+        async with WsRecorder(stack.ws_url) as ws, XoogifyClient(stack.url) as xo:
+            busy = await submit(xo, "slow", env="one", variables={"seconds": "6"})
+            await ws.wait_job_status(busy, {"WORKING"})
+            waiting = await submit(xo, "hello", env="two")
+            arm = await submit(xo, "hello", module_type="arm64/script")
+            await stack.start_runner("runner-arm", arch="arm64", kinds="script")
+
+            arm_final = await ws.wait_job_status(arm, FINAL, timeout=30)
+            assert (arm_final["status"], arm_final["runner_id"]) == ("SUCCESS", "runner-arm")
+            final = await ws.wait_job_status(waiting, FINAL, timeout=30)
+            assert (final["status"], final["runner_id"]) == ("SUCCESS", "runner-1")
+            job = await stored_final(xo, waiting)
+        # It did wait longer than the queue timeout for the busy runner.
+        assert _seconds(job["started_at"]) - _seconds(job["submitted_at"]) > 4
+    finally:
+        await stack.stop_all()

@@ -120,7 +120,7 @@ async def test_timeout_ends_failure_timeout(stack: Stack) -> None:
 # --- a runner killed mid-job ---------------------------------------------------------------
 
 
-async def test_sigkilled_runner_job_is_runner_lost_and_runner_listed_lost(stack: Stack) -> None:
+async def test_sigkilled_runner_job_is_runner_lost_and_its_queue_moves_on(stack: Stack) -> None:
     await stack.start_all()
     org = unique("org")
     async with WsRecorder(stack.ws_url) as ws, XoogifyClient(stack.url) as xo:
@@ -129,9 +129,12 @@ async def test_sigkilled_runner_job_is_runner_lost_and_runner_listed_lost(stack:
         await some_processes(org)
         busy = await runner_entry(xo, "runner-1", state="busy")
         assert busy["current_build_id"] == build_id
+        behind = await submit(xo, "slow", org=org, variables={"seconds": "1"})
+        await stored_job(xo, behind, queue_position=1)
 
         killed_at = time.monotonic()
         stack.kill("runner-1")
+        await stack.start_runner("runner-2")
         final = await ws.wait_job_status(build_id, FINAL, timeout=30)
         assert time.monotonic() - killed_at < 30
         assert (final["status"], final["reason"]) == ("FAILURE", "runner-lost")
@@ -141,6 +144,10 @@ async def test_sigkilled_runner_job_is_runner_lost_and_runner_listed_lost(stack:
         # Its registry key expires (3 heartbeats): the API lists it as lost.
         lost = await runner_entry(xo, "runner-1", state="lost")
         assert lost["current_build_id"] is None
+
+        # The workspace is free again: the next APPLY-AUTO runs, on the live runner.
+        done = await ws.wait_job_status(behind, FINAL, timeout=30)
+        assert (done["status"], done["runner_id"]) == ("SUCCESS", "runner-2")
 
 
 # --- SIGTERM drain -------------------------------------------------------------------------
