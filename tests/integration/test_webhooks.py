@@ -98,6 +98,20 @@ async def create(http: httpx.AsyncClient, **body: Any) -> dict[str, Any]:
     return created
 
 
+async def settled(http: httpx.AsyncClient, hook_id: int, count: int) -> list[dict[str, Any]]:
+    """The webhook's deliveries once there are `count` and none is pending any more (the
+    receiver sees a request a moment before the gateway records its answer)."""
+
+    async def probe() -> list[dict[str, Any]] | None:
+        items: list[dict[str, Any]] = (
+            await http.get(f"/api/webhooks/{hook_id}/deliveries")
+        ).json()["items"]
+        done = len(items) == count and all(d["status"] != "pending" for d in items)
+        return items if done else None
+
+    return await eventually(probe, timeout=20)
+
+
 async def test_webhook_api_and_signed_deliveries(settings: Settings, stack: Stack) -> None:
     await stack.start_gateway(**FAST)
     async with (
@@ -136,7 +150,7 @@ async def test_webhook_api_and_signed_deliveries(settings: Settings, stack: Stac
             assert event["event_id"] == r.headers["x-xoogify-event-id"]
             assert event["organization"] == r.path.strip("/")
 
-        deliveries = (await http.get(f"/api/webhooks/{acme['id']}/deliveries")).json()["items"]
+        deliveries = await settled(http, acme["id"], 2)
         assert sorted(d["event_id"] for d in deliveries) == ["1-3", "2-2"]
         assert all(d["status"] == "delivered" and d["attempts"] == 1 for d in deliveries)
         assert all(d["last_status_code"] == 200 and d["delivered_at"] for d in deliveries)
@@ -199,7 +213,7 @@ async def test_a_receiver_that_fails_first_gets_every_delivery_once_it_recovers(
         got = [r.headers["x-xoogify-event-id"] for r in recv.delivered()]
         assert sorted(got) == wanted  # each exactly once
         assert len(recv.requests) == len(wanted) + 5
-        items = (await http.get(f"/api/webhooks/{hook['id']}/deliveries")).json()["items"]
+        items = await settled(http, hook["id"], len(wanted))
         assert all(d["status"] == "delivered" for d in items)
         assert sum(d["attempts"] for d in items) == len(wanted) + 5
         assert max(d["attempts"] for d in items) > 1
@@ -230,7 +244,7 @@ async def test_a_gateway_killed_between_attempts_still_delivers(
         await stack.start_gateway(**slow)
         await eventually(lambda: recv.has_delivered(2), timeout=30)
         assert sorted(r.headers["x-xoogify-event-id"] for r in recv.delivered()) == ["1-3", "2-3"]
-        items = (await http.get(f"/api/webhooks/{hook['id']}/deliveries")).json()["items"]
+        items = await settled(http, hook["id"], 2)
         assert {d["event_id"]: d["attempts"] for d in items} == {"1-3": 2, "2-3": 1}
 
 
