@@ -171,7 +171,7 @@ def create_app(settings: Settings, gateway_id: str = "gw") -> Starlette:
         routes=routes,
         lifespan=lifespan,
         exception_handlers=handlers,
-        middleware=[Middleware(WaitForStart)],
+        middleware=[Middleware(health.RequestMetrics), Middleware(WaitForStart)],
     )
 
 

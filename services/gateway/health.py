@@ -5,12 +5,44 @@ from __future__ import annotations
 
 import asyncio
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.gateway.context import GatewayContext
+
+HTTP_REQUESTS = Counter(
+    "xoogify_http_requests_total", "HTTP requests answered by the gateway", ["route", "status"]
+)
+
+
+class RequestMetrics:
+    """Count HTTP requests by route (the endpoint's name, never the raw path, so the label
+    set stays small) and status."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_counted(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        finally:
+            endpoint = scope.get("endpoint")
+            route = getattr(endpoint, "__name__", None) or "unmatched"
+            HTTP_REQUESTS.labels(route, str(status)).inc()
 
 
 async def healthz(request: Request) -> Response:

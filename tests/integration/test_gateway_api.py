@@ -173,6 +173,7 @@ async def test_errors_are_json_for_api_paths(settings: Settings) -> None:
         assert ready.status_code == 200 and ready.json()["postgres"] == "up"
         metrics = (await client.get("/metrics")).text
         assert "xoogify_ingest" in metrics
+        assert 'xoogify_http_requests_total{route="get_job",status="404"}' in metrics
 
 
 async def test_cancel_asks_the_scheduler(settings: Settings) -> None:
