@@ -210,3 +210,26 @@ async def test_drain_of_an_idle_runner_is_quick(stack: Stack) -> None:
         assert await stack.stop("runner-1") == 0
         assert time.monotonic() - started < 10
         await runner_entry(xo, "runner-1", state="lost", timeout=5)
+
+
+async def test_cancel_of_the_waiting_head_moves_the_queue_on(stack: Stack) -> None:
+    """The head of a workspace queue that waits for a runner is cancelled: the one behind
+    it becomes the head (position null) and is the one a runner gets when it comes."""
+    await stack.start_all()  # no arm64 runner yet
+    async with WsRecorder(stack.ws_url) as ws, XoogifyClient(stack.url) as xo:
+        head = await submit(xo, "hello", module_type="arm64/script")
+        behind = await submit(xo, "hello", module_type="arm64/script")
+        await stored_job(xo, behind, queue_position=1)
+        answer = await xo.cancel(head)
+        assert (answer["status"], answer["reason"]) == ("FAILURE", "cancelled")
+        moved = await stored_job(xo, behind, status="IN-PROGRESS", queue_position=None)
+        assert moved["seq"] == 2
+
+        await stack.start_runner("runner-arm", arch="arm64", kinds="script")
+        final = await ws.wait_job_status(behind, FINAL, timeout=30)
+        assert (final["status"], final["runner_id"]) == ("SUCCESS", "runner-arm")
+        # The cancelled head never ran anywhere.
+        assert [i["status"] for i in ws.job_items(head)][-1] == "FAILURE"
+        assert all(i["status"] != "WORKING" for i in ws.job_items(head))
+        log = await xo.read_logs(head)
+        assert log["data"] == ""
