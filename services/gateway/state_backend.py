@@ -85,6 +85,22 @@ async def _authorize(request: Request) -> tuple[int, Response | None]:
     return build_id, None
 
 
+async def _capped_body(request: Request, limit: int) -> bytes | None:
+    """The body, or None once it is over `limit`: an oversized state is refused without
+    being held in memory first."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _current_lock(ctx: GatewayContext, ws: tuple[str, str, str]) -> dict[str, Any] | None:
     """The live lock on a workspace: one held by a job that has ended does not count."""
     row = await ctx.pool.fetchrow(
@@ -123,8 +139,8 @@ async def state(request: Request) -> Response:
     if lock is not None and lock["build_id"] != build_id and lock["lock_id"] != lock_id:
         return JSONResponse(lock["info"], status_code=423)
     if request.method == "POST":
-        body = await request.body()
-        if len(body) > MAX_STATE_BYTES:
+        body = await _capped_body(request, MAX_STATE_BYTES)
+        if body is None:
             return _error(413, "too-large", f"state over {MAX_STATE_BYTES} bytes")
         try:
             codec.loads(body)
