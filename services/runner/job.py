@@ -46,8 +46,12 @@ class Job:
         return self.module_type.split("/", 1)[1]
 
     def secrets(self) -> list[str]:
-        """Values to mask in the log: those of the variables named in `sensitive`."""
-        return [self.variables[name] for name in self.sensitive if self.variables.get(name)]
+        """Values to mask in the log: those of the variables named in `sensitive`, and the
+        job's state backend password (a module that prints its environment shows it)."""
+        values = [self.variables[name] for name in self.sensitive if self.variables.get(name)]
+        if self.state and self.state.get("password"):
+            values.append(str(self.state["password"]))
+        return values
 
 
 @dataclass(frozen=True)

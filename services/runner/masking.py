@@ -1,7 +1,8 @@
 """Masking of sensitive variable values in a stream of text.
 
 The text arrives in pieces; a secret may be split across two of them, so the masker holds
-back a tail of at most len(longest secret) - 1 characters until the next piece or the end.
+back a tail of at most len(longest secret) - 1 characters, and only from where a secret may
+begin, until the next piece or the end.
 The result is the same as masking the whole text in one go.
 """
 
@@ -21,6 +22,7 @@ class Masker:
         # contains another is masked whole).
         values = sorted({s for s in secrets if s}, key=len, reverse=True)
         self._pattern = re.compile("|".join(re.escape(v) for v in values)) if values else None
+        self._values = values
         self._hold = len(values[0]) - 1 if values else 0
         self._pending = ""
 
@@ -46,9 +48,21 @@ class Masker:
             out.append(MASK)
             pos = match.end()
         cut = max(pos, safe)
-        out.append(buf[pos:cut])
-        self._pending = buf[cut:]
+        # Of the tail, hold back only from where a secret could start: a log line that
+        # cannot begin one is published now, not when the next output comes.
+        keep = self._could_start(buf, cut)
+        out.append(buf[pos:keep])
+        self._pending = buf[keep:]
         return "".join(out)
+
+    def _could_start(self, buf: str, start: int) -> int:
+        """The first position from `start` where a secret begins or may begin (the rest of
+        `buf` is a prefix of it); len(buf) if there is none."""
+        for i in range(start, len(buf)):
+            tail = buf[i:]
+            if any(v.startswith(tail) or tail.startswith(v) for v in self._values):
+                return i
+        return len(buf)
 
     def finish(self) -> str:
         """The end of the stream (or a break in it): mask and return what is held back."""

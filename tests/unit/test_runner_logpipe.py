@@ -57,8 +57,8 @@ def test_a_note_does_not_cut_a_held_secret_in_two() -> None:
     pipe.write(b"def\n")
     text = check_contiguous(drain(pipe, eof=True))
     assert "abc" not in text
-    # "y=abc" (5 = len - 1 characters) was held; the note is on a line of its own.
-    assert text == "ke\n[xoogify] cancelled: stopping the process\ny=***\n"
+    # Only "abc" (where the secret may begin) was held; the note is on a line of its own.
+    assert text == "key=\n[xoogify] cancelled: stopping the process\n***\n"
 
 
 def test_chunks_are_cut_at_the_chunk_size() -> None:
