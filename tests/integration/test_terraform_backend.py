@@ -190,3 +190,14 @@ async def test_a_state_that_is_not_json_is_refused(backend: Backend) -> None:
     )
     assert answer.status_code == 400
     assert answer.json()["error"]["code"] == "invalid"
+
+
+async def test_a_state_over_64_mib_is_413(backend: Backend) -> None:
+    auth = await backend.job(1)
+    too_big = b"{" + b" " * (64 * 1024 * 1024) + b"}"
+    answer = await backend.http.post(
+        state_auth.state_path(ORG, ENV, MODULE), auth=auth, content=too_big
+    )
+    assert answer.status_code == 413
+    assert answer.json()["error"]["code"] == "too-large"
+    assert await backend.db.fetchval("SELECT count(*) FROM terraform_states") == 0

@@ -158,7 +158,7 @@ async def test_apply_plan_destroy_on_two_runners(tf_stack: Stack, terraform: str
 SLOW_MODULE = """
 resource "null_resource" "slow" {
   provisioner "local-exec" {
-    command = "echo slow-create-started; sleep 60"
+    command = "echo password=$TF_HTTP_PASSWORD; echo slow-create-started; sleep 60"
   }
 }
 """
@@ -187,7 +187,9 @@ async def test_a_cancelled_apply_releases_its_lock_and_keeps_its_state(
 
         async def creating() -> bool:
             try:
-                return "slow-create-started" in (await xo.read_logs(build_id))["data"]
+                # The command's output, not Terraform's "Executing: [...]" line naming it.
+                text = ANSI.sub("", (await xo.read_logs(build_id))["data"])
+                return "(local-exec): slow-create-started" in text
             except ApiError as exc:  # 404 until the job's first event is stored
                 assert exc.status == 404
                 return False
@@ -198,6 +200,8 @@ async def test_a_cancelled_apply_releases_its_lock_and_keeps_its_state(
         log = await full_log(xo, build_id)
         assert (ended["status"], ended["reason"]) == ("FAILURE", "cancelled"), log
         assert "[xoogify] the process stopped" in log  # Terraform ended on SIGINT, not killed
+        # The job's state password reaches Terraform but never the log.
+        assert "password=***" in log
 
     db = await asyncpg.connect(stack.settings.database_url)
     try:

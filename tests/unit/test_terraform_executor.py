@@ -21,6 +21,7 @@ from services.runner.executors.terraform import (
     terraform_env,
 )
 from services.runner.job import Job
+from services.runner.masking import Masker
 
 FAKE_TF = "/opt/tf/terraform"
 STATE = state_auth.issue("s3cret", "http://gw:8000", 7, "acme", "stg", "network").as_dict()
@@ -211,3 +212,21 @@ def test_no_terraform_binary_is_invalid(tmp_path: Path) -> None:
     host = {**HOST_ENV, "XOOGIFY_TERRAFORM_BIN": str(tmp_path / "missing")}
     with pytest.raises(InvalidModule, match="no terraform binary"):
         TerraformExecutor().prepare(make_job(), network_copy(tmp_path), Settings(), host)
+
+
+def test_the_state_password_is_masked_in_the_log() -> None:
+    job = make_job(variables={"token": "t0k"}, sensitive=["token"])
+    assert job.secrets() == ["t0k", STATE["password"]]
+    assert make_job(state=None, variables={}, sensitive=[]).secrets() == []
+
+
+def test_a_long_secret_does_not_hold_back_lines_that_cannot_start_it() -> None:
+    # Every terraform job masks its 64-character state password: live output that cannot
+    # begin it must still be published at once.
+    masker = Masker([STATE["password"]])
+    assert masker.feed("null_resource.slow (local-exec): started\n") == (
+        "null_resource.slow (local-exec): started\n"
+    )
+    head = STATE["password"][:10]
+    assert masker.feed(f"pw={head}") == "pw="
+    assert masker.feed(STATE["password"][10:] + " done\n") == "*** done\n"
