@@ -11,6 +11,7 @@ import asyncio
 import logging
 import socket
 import time
+from collections.abc import Callable
 from importlib import metadata
 from typing import Any
 
@@ -58,6 +59,9 @@ class Registry:
         self.current_build_id: int | None = None
         self._last_ok = time.monotonic()
         self._lock = asyncio.Lock()
+        # Called (with why) when this runner was silent longer than the TTL and still runs:
+        # its key expired meanwhile, so the scheduler counts its job lost.
+        self.on_written_off: Callable[[str], None] | None = None
 
     def value(self) -> dict[str, Any]:
         value = {
@@ -96,6 +100,7 @@ class Registry:
         refreshed for longer than the TTL (3 heartbeats)."""
         while True:
             await asyncio.sleep(self.heartbeat_s)
+            self._check_silence()
             try:
                 # A put stuck on a dead connection must not outlive the TTL unnoticed.
                 async with asyncio.timeout(max(self.heartbeat_s, 1.0)):
@@ -108,6 +113,18 @@ class Registry:
                         f"registry key not refreshed for {silent:.1f}s (TTL "
                         f"{3 * self.heartbeat_s:.1f}s)"
                     ) from exc
+
+    def _check_silence(self) -> None:
+        """A runner that was stopped or starved (SIGSTOP, a paused VM) for longer than the
+        TTL wakes up with its key expired: whatever job it runs was written off, and the
+        workspace may already run the next one, so that job must not go on."""
+        silent = time.monotonic() - self._last_ok
+        if silent > 3 * self.heartbeat_s and self.on_written_off is not None:
+            log.warning("silent longer than the registry TTL", extra={"silent_s": silent})
+            self.on_written_off(
+                f"runner out of touch for {silent:.1f}s (registry TTL "
+                f"{3 * self.heartbeat_s:g}s): its job was counted lost"
+            )
 
     async def remove(self) -> None:
         try:

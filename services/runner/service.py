@@ -121,6 +121,7 @@ class RunnerService:
         await registry.put()
         worker = Worker(nc, js, settings, registry, self.drain_timeout_s)
         await worker.subscribe()
+        registry.on_written_off = worker.written_off
         self._registry, self._worker = registry, worker
         log.info(
             "runner registered",

@@ -78,6 +78,12 @@ class Worker:
             self._drain_timeout_s, self._drain_deadline
         )
 
+    def written_off(self, why: str) -> None:
+        """The registry key expired while this runner was silent: stop the running job
+        (the scheduler already failed it, or will on this report, as runner-lost)."""
+        if self._current is not None:
+            self._current.stop(Reason.RUNNER_LOST, why)
+
     def _drain_deadline(self, why: str | None = None) -> None:
         self._deadline_passed = True
         self._drain_why = why or (
