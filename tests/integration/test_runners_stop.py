@@ -233,3 +233,32 @@ async def test_cancel_of_the_waiting_head_moves_the_queue_on(stack: Stack) -> No
         assert all(i["status"] != "WORKING" for i in ws.job_items(head))
         log = await xo.read_logs(head)
         assert log["data"] == ""
+
+
+async def test_runner_back_from_a_long_pause_drops_the_job_it_lost(stack: Stack) -> None:
+    """A runner paused (SIGSTOP) past its registry TTL has its job failed runner-lost and
+    the workspace moves on; when it wakes it must not go on running that job beside the
+    next one: it stops it, and is free for new work."""
+    await stack.start_all()
+    org = unique("org")
+    runner = stack.procs["runner-1"]
+    async with WsRecorder(stack.ws_url) as ws, XoogifyClient(stack.url) as xo:
+        build_id = await submit(xo, "slow", org=org, variables={"seconds": "600"})
+        await ws.wait_job_status(build_id, {"WORKING"})
+        await some_processes(org)
+        runner.send_signal(signal.SIGSTOP)
+        try:
+            final = await ws.wait_job_status(build_id, FINAL, timeout=30)
+        finally:
+            runner.send_signal(signal.SIGCONT)
+        assert (final["status"], final["reason"]) == ("FAILURE", "runner-lost")
+
+        await no_processes(org)
+        await runner_entry(xo, "runner-1", state="idle", current_build_id=None)
+        after = await submit(xo, "hello", org=org)
+        done = await ws.wait_job_status(after, FINAL, timeout=30)
+        assert (done["status"], done["runner_id"]) == ("SUCCESS", "runner-1")
+        # The lost job stays as the scheduler decided.
+        assert (await stored_final(xo, build_id))["reason"] == "runner-lost"
+        log = await xo.read_logs(build_id)
+        assert "counted lost" in log["data"]
