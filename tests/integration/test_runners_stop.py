@@ -145,6 +145,11 @@ async def test_sigkilled_runner_job_is_runner_lost_and_its_queue_moves_on(stack:
         lost = await runner_entry(xo, "runner-1", state="lost")
         assert lost["current_build_id"] is None
 
+        # Its log has no eof chunk, yet following it ends (exit 1: the job failed).
+        followed = await asyncio.to_thread(cli, stack, "logs", str(build_id), "--follow")
+        assert followed.returncode == 1, followed.stderr
+        assert "slow: second 1 of 600" in followed.stdout
+
         # The workspace is free again: the next APPLY-AUTO runs, on the live runner.
         done = await ws.wait_job_status(behind, FINAL, timeout=30)
         assert (done["status"], done["runner_id"]) == ("SUCCESS", "runner-2")
