@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 import time
 
 import pytest
@@ -267,3 +268,44 @@ async def test_runner_back_from_a_long_pause_drops_the_job_it_lost(stack: Stack)
         assert (await stored_final(xo, build_id))["reason"] == "runner-lost"
         log = await xo.read_logs(build_id)
         assert "counted lost" in log["data"]
+
+
+async def test_cli_cancel_of_a_running_job_ends_its_follower(stack: Stack) -> None:
+    """`xoogify submit --follow` of a long job, `xoogify cancel` from another shell: the
+    follower prints the runner's stop notes and exits 1."""
+    await stack.start_all()
+    org = unique("org")
+    common = ["--org", org, "--env", "stg", "--type", "amd64/script", "--action", "APPLY-AUTO"]
+    follower = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "services.cli.main",
+        "submit",
+        "--module",
+        "slow",
+        "--var",
+        "seconds=600",
+        *common,
+        "--follow",
+        env=stack.env(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert follower.stdout is not None and follower.stderr is not None
+        async with asyncio.timeout(30):
+            build_id = int((await follower.stderr.readline()).decode().strip())
+            first = await follower.stdout.readline()
+        assert first.decode().startswith("slow: second 1 of 600")
+        done = await asyncio.to_thread(cli, stack, "cancel", str(build_id))
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith(f"{build_id} WORKING")
+        async with asyncio.timeout(30):
+            rest, _ = await follower.communicate()
+        assert follower.returncode == 1
+        assert "[xoogify] cancelled" in rest.decode()
+        await no_processes(org)
+    finally:
+        if follower.returncode is None:
+            follower.kill()
+            await follower.wait()
