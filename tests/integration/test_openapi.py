@@ -95,10 +95,13 @@ async def test_real_answers_match_the_openapi_document(settings: Settings, stack
         c.check("GET", "/api/jobs/{build_id}/logs", await http.get(logs + "?offset=-1"))
 
         cancel = f"/api/jobs/{build_id}/cancel"
-        assert (
-            c.check("POST", "/api/jobs/{build_id}/cancel", await http.post(cancel)).status_code
-            == 202
-        )
+
+        async def cancelled() -> httpx.Response | None:
+            # 503 (documented: "try again") while the scheduler is still loading its state.
+            r = c.check("POST", "/api/jobs/{build_id}/cancel", await http.post(cancel))
+            return r if r.status_code != 503 else None
+
+        assert (await eventually(cancelled, timeout=20)).status_code == 202
 
         async def final() -> bool:
             return (await http.get(f"/api/jobs/{build_id}")).json()["status"] == "FAILURE"
