@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from services.client import XoogifyClient
@@ -127,6 +128,23 @@ async def test_sensitive_value_never_shown(log_stack: Stack) -> None:
             assert job["variables"] == {"token": "***", "region": "eu-west-1"}
             listed = await xo.list_jobs(organization="acme")
             assert SECRET not in str(listed)
+        # Nor anywhere in Postgres (jobs, events, log chunks, ...).
+        conn = await asyncpg.connect(stack.settings.database_url)
+        try:
+            tables = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+            seen = ""
+            for table in tables:
+                rows = await conn.fetch(f'SELECT t::text AS row FROM "{table[0]}" t')
+                assert not [r for r in rows if SECRET in r["row"]], table[0]
+                seen += "".join(r["row"] for r in rows)
+            # The search did see the job: its plain variable and its log are there.
+            assert "eu-west-1" in seen and "leak: whole ***" in seen
+        finally:
+            await conn.close()
+        # Nor in the services' own logs.
+        for name in ("gateway", "scheduler", "runner-1"):
+            assert stack.logs(name), name
+            assert SECRET not in stack.logs(name), name
     finally:
         await stack.stop_all()
 
