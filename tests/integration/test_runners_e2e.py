@@ -211,13 +211,13 @@ async def test_no_runner_of_that_arch_fails_after_the_queue_timeout(
             assert final["runner_id"] is None and final["started_at"] is None
             job = await stored_final(xo, build_id)
         assert [e["status"] for e in job["events"]] == ["IN-PROGRESS", "FAILURE"]
-        waited = _seconds(job["finished_at"]) - _seconds(job["submitted_at"])
+        waited = epoch_s(job["finished_at"]) - epoch_s(job["submitted_at"])
         assert 2.5 <= waited < 15, waited
     finally:
         await stack.stop_all()
 
 
-def _seconds(stamp: str) -> float:
+def epoch_s(stamp: str) -> float:
     return parse_time(stamp).timestamp()
 
 
@@ -258,6 +258,6 @@ async def test_a_busy_runner_is_not_no_runner_and_a_late_runner_is_in_time(
             assert (final["status"], final["runner_id"]) == ("SUCCESS", "runner-1")
             job = await stored_final(xo, waiting)
         # It did wait longer than the queue timeout for the busy runner.
-        assert _seconds(job["started_at"]) - _seconds(job["submitted_at"]) > 4
+        assert epoch_s(job["started_at"]) - epoch_s(job["submitted_at"]) > 4
     finally:
         await stack.stop_all()

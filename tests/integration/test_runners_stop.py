@@ -15,6 +15,7 @@ from services.client import ApiError, XoogifyClient
 from tests.integration.test_runner_jobs import job_pids
 from tests.integration.test_runners_e2e import (
     FINAL,
+    epoch_s,
     cli,
     runner_entry,
     stored_final,
@@ -309,3 +310,18 @@ async def test_cli_cancel_of_a_running_job_ends_its_follower(stack: Stack) -> No
         if follower.returncode is None:
             follower.kill()
             await follower.wait()
+
+
+async def test_timeout_counts_from_the_start_not_the_submission(stack: Stack) -> None:
+    """A job with timeout_s 2 that waits 3 s in its workspace queue, then runs for 1 s,
+    succeeds: the time it waited is not counted."""
+    await stack.start_all()
+    async with WsRecorder(stack.ws_url) as ws, XoogifyClient(stack.url) as xo:
+        ahead = await submit(xo, "slow", variables={"seconds": "3"})
+        await ws.wait_job_status(ahead, {"WORKING"})
+        behind = await submit(xo, "slow", variables={"seconds": "1"}, timeout_s=2)
+        final = await ws.wait_job_status(behind, FINAL, timeout=30)
+        assert final["status"] == "SUCCESS", final
+        job = await stored_final(xo, behind)
+    waited = epoch_s(job["started_at"]) - epoch_s(job["submitted_at"])
+    assert waited > 2, waited
