@@ -15,8 +15,8 @@ from services.client import ApiError, XoogifyClient
 from tests.integration.test_runner_jobs import job_pids
 from tests.integration.test_runners_e2e import (
     FINAL,
-    epoch_s,
     cli,
+    epoch_s,
     runner_entry,
     stored_final,
     stored_job,
