@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import re
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
@@ -96,7 +98,7 @@ def _write(out: TextIO, line: str) -> None:
     out.flush()
 
 
-async def _connect(settings: Settings) -> Client:
+async def _connect(settings: Settings, on_reconnect: Callable[[], Awaitable[None]]) -> Client:
     """Reconnect forever, quietly: stderr stays clean for scripts, stdout is the data."""
 
     async def quiet(*_: Any) -> None:
@@ -109,9 +111,27 @@ async def _connect(settings: Settings) -> Client:
         reconnect_time_wait=0.5,
         error_cb=quiet,
         disconnected_cb=quiet,
-        reconnected_cb=quiet,
+        reconnected_cb=on_reconnect,
         closed_cb=quiet,
     )
+
+
+class _Gap(Exception):
+    """A resume point the stream no longer holds, without --allow-gap."""
+
+
+async def _retry(step: Callable[[], Awaitable[None]]) -> None:
+    """Until it works: just after a reconnect JetStream may not answer yet."""
+    delay = 0.2
+    while True:
+        try:
+            await step()
+            return
+        except _Gap:
+            raise
+        except Exception:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 async def watch(
@@ -124,39 +144,67 @@ async def watch(
     out: TextIO,
 ) -> int:
     subjects = settings.subjects
-    nc = await _connect(settings)
-    try:
-        js = nc.jetstream()
+    # Stream messages, or None after a reconnect: the ordered consumer may have died with
+    # the server, so it is made again from the last sequence handled.
+    queue: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue(maxsize=10_000)
+
+    async def on_reconnect() -> None:
+        await queue.put(None)
+
+    async def on_message(msg: Any) -> None:
+        # Back-pressure: the ordered consumer's flow control slows the server down.
+        await queue.put((msg.metadata.sequence.stream, msg.data))
+
+    nc = await _connect(settings, on_reconnect)
+    js = nc.jetstream()
+    sub: Any = None
+
+    async def subscribe(resume: Since) -> None:
+        nonlocal sub
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
         info = await js.stream_info(subjects.events_stream)
         # An empty stream reports first_seq = last_seq + 1 (or 0 when never written).
-        start = plan_start(since, max(int(info.state.first_seq), 1))
+        start = plan_start(resume, max(int(info.state.first_seq), 1))
         if start.gap is not None:
             _write(out, codec.dumps_str(start.gap))
             if not allow_gap:
-                return EXIT_GAP
-        config = ConsumerConfig(
-            deliver_policy=start.deliver_policy,
-            opt_start_seq=start.opt_start_seq,
-            opt_start_time=start.opt_start_time,
-        )
-        queue: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue(maxsize=10_000)
-
-        async def on_message(msg: Any) -> None:
-            # Back-pressure: the ordered consumer's flow control slows the server down.
-            await queue.put((msg.metadata.sequence.stream, msg.data))
-
-        await js.subscribe(
+                raise _Gap()
+        sub = await js.subscribe(
             subjects.events_filter(organization, environment),
             stream=subjects.events_stream,
             cb=on_message,
             ordered_consumer=True,
-            config=config,
+            config=ConsumerConfig(
+                deliver_policy=start.deliver_policy,
+                opt_start_seq=start.opt_start_seq,
+                opt_start_time=start.opt_start_time,
+            ),
         )
+
+    try:
+        if since.seq is None and since.moment is None:
+            # "From now" as a sequence, so that a resubscription has a resume point.
+            info = await js.stream_info(subjects.events_stream)
+            since = Since(seq=int(info.state.last_seq))
+        resume = since
+        last = since.seq or 0
+        await subscribe(resume)
         while True:
-            seq, data = await queue.get()
+            item = await queue.get()
+            if item is None:
+                await _retry(functools.partial(subscribe, resume))
+                continue
+            seq, data = item
+            if seq <= last:
+                continue  # a remade consumer overlaps what was already handled
+            last, resume = seq, Since(seq=seq)
             line = event_line(seq, data, status)
             if line is not None:
                 _write(out, line)
+    except _Gap:
+        return EXIT_GAP
     finally:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(nc.close(), 2)

@@ -15,9 +15,10 @@ from nats.js.api import DeliverPolicy
 
 from services.common import codec
 from services.common.config import Settings
+from services.common.embedded import EmbeddedNats
 from tests.integration.ws_support import job_event, publisher, serve_gateway
 from tests.stack import settings_env
-from tests.support import WsRecorder
+from tests.support import WsRecorder, eventually
 
 
 class Watch:
@@ -162,3 +163,30 @@ async def test_watch_and_ws_report_the_same_gap(settings: Settings) -> None:
             watch_gap = await w.line()
             assert await w.exit_code() == 3
     assert ws_gap == watch_gap == {"type": "gap", "requested": 1, "first_available": kept}
+
+
+async def test_watch_carries_on_after_a_nats_restart(
+    settings: Settings, nats_server: EmbeddedNats | None
+) -> None:
+    assert nats_server is not None, "needs its own nats-server to restart"
+    async with publisher(settings) as pub:
+        before = await pub.event(job_event(1, 1))
+        async with watch(settings, "--org", "acme", "--since", "0") as w:
+            assert (await w.line())["stream_seq"] == before
+            nats_server.stop()
+            nats_server.start()
+
+            async def republished() -> int | None:
+                try:
+                    return await pub.event(job_event(1, 2, "WORKING"))
+                except Exception:
+                    return None  # still reconnecting
+
+            after = await eventually(republished, timeout=30)
+            line = await w.line(timeout=30)
+            await pub.event(job_event(1, 3, "SUCCESS"))
+            last = await w.line()
+            code, err = await w.interrupt()
+    assert (line["stream_seq"], line["status"]) == (after, "WORKING")
+    assert last["stream_seq"] == after + 1  # no repeat after the consumer was remade
+    assert code in (0, 130) and err == b""
