@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 
@@ -35,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     gw = sub.add_parser("gateway", help="the HTTP/websocket gateway")
     gw.add_argument("--host", default="127.0.0.1")
     gw.add_argument("--port", type=int, default=8000)
+    gw.add_argument(
+        "--gateway-id",
+        default=os.environ.get("XOOGIFY_GATEWAY_ID", "gw"),
+        help="unique per replica: names its ingestion consumers",
+    )
 
     sched = sub.add_parser("scheduler", help="the scheduler")
     sched.add_argument("--metrics-port", type=int, default=None)
@@ -94,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from services.gateway.app import serve
 
         logging_setup.setup("gateway")
-        asyncio.run(serve(settings, args.host, args.port))
+        asyncio.run(serve(settings, args.host, args.port, args.gateway_id))
         return 0
     if command == "scheduler":
         from services.common import logging_setup
