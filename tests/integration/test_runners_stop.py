@@ -134,6 +134,10 @@ async def test_sigkilled_runner_job_is_runner_lost_and_its_queue_moves_on(stack:
         behind = await submit(xo, "slow", org=org, variables={"seconds": "1"})
         await stored_job(xo, behind, queue_position=1)
 
+        async def logged() -> bool:
+            return "slow: second 1 of 600" in (await xo.read_logs(build_id))["data"]
+
+        await eventually(logged, timeout=15)
         killed_at = time.monotonic()
         stack.kill("runner-1")
         await stack.start_runner("runner-2")
