@@ -193,7 +193,13 @@ class Worker:
 
     async def _claim(self, job: Job) -> bool | None:
         """True granted, False refused, None when nobody answered."""
-        claim = {"build_id": job.build_id, "runner_id": self.runner_id, "attempt": job.attempt}
+        claim = {
+            "build_id": job.build_id,
+            "runner_id": self.runner_id,
+            "attempt": job.attempt,
+            # So the scheduler can tell this process from a restart under the same id.
+            "runner_started_at": self._registry.started_at,
+        }
         try:
             reply = await self._nc.request(
                 self._settings.subjects.claim, codec.dumps(claim), timeout=CLAIM_TIMEOUT_S

@@ -36,6 +36,9 @@ class JobRecord:
     # cancel_grace_s + 10 s to report before the scheduler ends the job itself.
     stop_reason: str | None = None
     stop_asked_at: float | None = None
+    # The `started_at` of the claiming runner's registration (its own clock): another value
+    # under the same runner_id later means that runner process restarted.
+    runner_started_at: str | None = None
     # In memory only: rebuilt on reload (a re-dispatch of the same attempt is deduplicated
     # by its Nats-Msg-Id, and a duplicate message is refused at claim time anyway).
     dispatched: bool = field(default=False, compare=False)
@@ -141,6 +144,7 @@ class JobRecord:
             "attempt": self.attempt,
             "stop_reason": self.stop_reason,
             "stop_asked_at": self.stop_asked_at,
+            "runner_started_at": self.runner_started_at,
         }
 
     @classmethod
@@ -153,4 +157,5 @@ class JobRecord:
             attempt=int(value.get("attempt", 1)),
             stop_reason=value.get("stop_reason"),
             stop_asked_at=value.get("stop_asked_at"),
+            runner_started_at=value.get("runner_started_at"),
         )

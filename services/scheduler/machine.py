@@ -26,7 +26,7 @@ from services.scheduler.effects import (
     SaveJob,
     SendCancel,
 )
-from services.scheduler.jobs import JobRecord, iso
+from services.scheduler.jobs import JobRecord, epoch, iso
 from services.scheduler.runners import RunnerInfo
 
 # A runner must report within cancel_grace_s + this after being asked to stop.
@@ -138,6 +138,7 @@ class Machine:
             return refused("stale-attempt"), []
         if rec.waiting:
             return refused("queued"), []
+        rec.runner_started_at = request.get("runner_started_at")
         effects = self._change(
             rec,
             now,
@@ -278,9 +279,15 @@ class Machine:
         started = rec.started or now
         if info is None:
             return now >= started + self.limits.lost_grace_s
+        if info.started_at is None:
+            return False
+        if rec.runner_started_at is not None:
+            # Both stamps come from the runner's clock: any other registration under this
+            # runner_id is a new process, however soon it came back.
+            return info.started_at != epoch(rec.runner_started_at)
         # The same runner_id registered again after the job started: a restarted runner
         # no longer runs it.
-        return info.started_at is not None and info.started_at > started + self.limits.clock_skew_s
+        return info.started_at > started + self.limits.clock_skew_s
 
     def _ask_stop(self, rec: JobRecord, reason: str, now: float) -> list[Effect]:
         rec.stop_reason = reason

@@ -254,7 +254,10 @@ async def test_hello_streams_contiguous_chunks_then_eof_then_reports_exit_0(
     assert (report["exit_code"], report.get("reason")) == (0, None)
     assert report["runner_id"] == "runner-t"
     schemas.check("report", report)
-    assert sched.claims == [{"build_id": 1, "runner_id": "runner-t", "attempt": 1}]
+    [claimed] = sched.claims
+    # Plus the registration's start, which tells this process from a restart.
+    assert claimed.pop("runner_started_at")
+    assert claimed == {"build_id": 1, "runner_id": "runner-t", "attempt": 1}
     chunks = sched.chunks(1)
     assert len(chunks) > 2  # streamed while it ran (about two seconds), not at the end
     text = check_log(chunks)
@@ -340,7 +343,10 @@ async def test_bad_dispatch_message_is_dropped_and_the_runner_goes_on(
         await sched.dispatch(7, "broken")
         report = await sched.report(7)
     assert report["exit_code"] == 3
-    assert sched.claims == [{"build_id": 7, "runner_id": "runner-t", "attempt": 1}]
+    [claimed] = sched.claims
+    # Plus the registration's start, which tells this process from a restart.
+    assert claimed.pop("runner_started_at")
+    assert claimed == {"build_id": 7, "runner_id": "runner-t", "attempt": 1}
     info = await sched.js.stream_info(rsettings.subjects.dispatch_stream)
     assert info.state.messages == 0  # terminated, not left to block the queue
 
