@@ -329,3 +329,23 @@ async def test_timeout_counts_from_the_start_not_the_submission(stack: Stack) ->
         job = await stored_final(xo, behind)
     waited = epoch_s(job["started_at"]) - epoch_s(job["submitted_at"])
     assert waited > 2, waited
+
+
+async def test_runner_restarted_under_the_same_id_loses_its_old_job(stack: Stack) -> None:
+    """A runner SIGKILLed and restarted at once with the same id (a service manager's
+    restart), well within its key's TTL: the job it ran is runner-lost, not WORKING
+    forever, and the new process takes new work."""
+    await stack.start_all()
+    org = unique("org")
+    async with WsRecorder(stack.ws_url) as ws, XoogifyClient(stack.url) as xo:
+        build_id = await submit(xo, "slow", org=org, variables={"seconds": "600"})
+        await ws.wait_job_status(build_id, {"WORKING"})
+        await some_processes(org)
+        stack.kill("runner-1")
+        await stack.start_runner("runner-1")
+        final = await ws.wait_job_status(build_id, FINAL, timeout=30)
+        assert (final["status"], final["reason"]) == ("FAILURE", "runner-lost")
+        await no_processes(org)
+        after = await submit(xo, "hello", org=org, env="other")
+        done = await ws.wait_job_status(after, FINAL, timeout=30)
+        assert (done["status"], done["runner_id"]) == ("SUCCESS", "runner-1")
