@@ -23,7 +23,7 @@ from services.common.status import ACTIONS, Status
 from services.common.timefmt import now_iso
 from services.gateway import db, runners
 from services.gateway.context import GatewayContext
-from services.gateway.errors import ApiError
+from services.gateway.errors import ApiError, json_body
 
 MAX_BODY = 64 * 1024
 MAX_LIMIT = 500
@@ -57,23 +57,13 @@ def _build_id(request: Request) -> int:
     return build_id
 
 
-async def _json_body(request: Request) -> Any:
-    body = await request.body()
-    if len(body) > MAX_BODY:
-        raise ApiError(413, f"request body over {MAX_BODY} bytes")
-    try:
-        return codec.loads(body)
-    except ValueError:
-        raise ApiError(400, "body is not valid JSON", "invalid-json") from None
-
-
 def body_hash(body: dict[str, Any]) -> str:
     return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
 async def submit_job(request: Request) -> Response:
     ctx = _ctx(request)
-    body = await _json_body(request)
+    body = await json_body(request, MAX_BODY)
     try:
         schemas.check("submission", body)
     except schemas.SchemaError as exc:

@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+
+from services.common import codec
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,17 @@ class ApiError(Exception):
         self.code = code or _CODES.get(status, "error")
         self.message = message
         self.fields = fields
+
+
+async def json_body(request: Request, max_bytes: int) -> Any:
+    """The request's JSON body: 413 past `max_bytes`, 400 when it is not JSON."""
+    body = await request.body()
+    if len(body) > max_bytes:
+        raise ApiError(413, f"request body over {max_bytes} bytes")
+    try:
+        return codec.loads(body)
+    except ValueError:
+        raise ApiError(400, "body is not valid JSON", "invalid-json") from None
 
 
 def error_response(

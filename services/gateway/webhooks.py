@@ -16,10 +16,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from services.common import codec, schemas
+from services.common import schemas
 from services.common.timefmt import format_time
 from services.gateway.context import GatewayContext
-from services.gateway.errors import ApiError
+from services.gateway.errors import ApiError, json_body
 
 MAX_BODY = 16 * 1024
 MAX_LIMIT = 500
@@ -69,16 +69,6 @@ def validate_create(body: Any) -> dict[str, Any]:
     return dict(body)
 
 
-async def _json_body(request: Request) -> Any:
-    body = await request.body()
-    if len(body) > MAX_BODY:
-        raise ApiError(413, f"request body over {MAX_BODY} bytes")
-    try:
-        return codec.loads(body)
-    except ValueError:
-        raise ApiError(400, "body is not valid JSON", "invalid-json") from None
-
-
 def _webhook_id(request: Request) -> int:
     value = int(request.path_params["webhook_id"])
     if value > 2**63 - 1:
@@ -87,7 +77,7 @@ def _webhook_id(request: Request) -> int:
 
 
 async def create_webhook(request: Request) -> Response:
-    body = validate_create(await _json_body(request))
+    body = validate_create(await json_body(request, MAX_BODY))
     row = await _pool(request).fetchrow(
         "INSERT INTO webhooks (organization, url, statuses, secret) VALUES ($1, $2, $3, $4)"
         f" RETURNING {_WEBHOOK_FIELDS}",
