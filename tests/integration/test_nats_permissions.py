@@ -1,0 +1,278 @@
+"""Per-role NATS users against a real nats-server running the generated config: what each
+role may and may not do, and the whole stack running with every service on its own user."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import nats
+import pytest
+from nats.aio.client import Client
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.errors import Error as JetStreamError
+
+from services.common import bus, nats_auth
+from services.common.config import EXAMPLE_MODULES_DIR, Settings
+from services.common.embedded import EmbeddedNats, free_port
+from services.common.subjects import Subjects
+from tests.stack import Stack
+from tests.support import eventually
+
+ORGS = ["acme", "globex"]
+
+
+@dataclass
+class AuthNats:
+    server: EmbeddedNats
+    passwords: dict[str, str]
+    subjects: Subjects
+
+    def url(self, user: str) -> str:
+        return nats_auth.user_url(self.server.url, user, self.passwords[user])
+
+    def settings(self, user: str, **extra: object) -> Settings:
+        return Settings(nats_url=self.url(user), subjects=self.subjects, **extra)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def auth_nats(tmp_path: Path) -> Iterator[AuthNats]:
+    subjects = Subjects()
+    passwords = nats_auth.load_or_create_passwords(
+        tmp_path / "nats-users.json", nats_auth.users_for(ORGS)
+    )
+    config = tmp_path / "nats.conf"
+    nats_auth.write_server_config(config, nats_auth.server_config(subjects, passwords))
+    server = EmbeddedNats(tmp_path / "nats", log_file=tmp_path / "nats.log", config_file=config)
+    server.start()
+    auth = AuthNats(server, passwords, subjects)
+    asyncio.run(
+        nats_auth.ensure_subscriber_stream(
+            auth.url(nats_auth.SUBSCRIBERS_ADMIN), Settings(subjects=subjects)
+        )
+    )
+    try:
+        yield auth
+    finally:
+        server.stop()
+
+
+class Errors:
+    """The asynchronous errors (permission violations) the server sends a client."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[Exception] = asyncio.Queue()
+
+    async def cb(self, exc: Exception) -> None:
+        await self.queue.put(exc)
+
+    async def expect(self, text: str, timeout: float = 5.0) -> str:
+        """The next error naming `text`, lower-cased."""
+        while True:
+            exc = await asyncio.wait_for(self.queue.get(), timeout)
+            if text.lower() in str(exc).lower():
+                return str(exc).lower()  # nats-py lower-cases the server's message
+
+
+async def _client(auth: AuthNats, user: str, errors: Errors | None = None) -> Client:
+    """A plain client on the user's own inbox prefix, as bus.connect gives the services."""
+    sink = errors or Errors()
+    return await nats.connect(
+        auth.url(user),
+        allow_reconnect=False,
+        error_cb=sink.cb,
+        inbox_prefix=nats_auth.inbox_prefix(user),
+    )
+
+
+@pytest.fixture
+async def scheduler_nc(auth_nats: AuthNats) -> AsyncIterator[Client]:
+    nc = await _client(auth_nats, "scheduler")
+    await bus.ensure_streams(nc.jetstream(), auth_nats.settings("scheduler"))
+    yield nc
+    await nc.close()
+
+
+async def _publish_events(nc: Client, subjects: Subjects) -> list[int]:
+    """Two acme and one globex event; returns the acme events' stream sequences."""
+    js = nc.jetstream()
+    seqs = []
+    for org, build in (("acme", 1), ("globex", 2), ("acme", 3)):
+        body = json.dumps({"organization": org, "build_id": build}).encode()
+        ack = await js.publish(subjects.event(org, "stg", build), body)
+        if org == "acme":
+            seqs.append(ack.seq)
+    return seqs
+
+
+async def test_subscriber_reads_its_organization_live_and_from_a_sequence(
+    auth_nats: AuthNats, scheduler_nc: Client
+) -> None:
+    s = auth_nats.subjects
+    sub = await _client(auth_nats, "sub-acme")
+    try:
+        live = await sub.subscribe(s.events_filter("acme"))
+        await sub.flush()
+        acme_seqs = await _publish_events(scheduler_nc, s)
+        got = [(await live.next_msg(timeout=5)).subject for _ in range(2)]
+        assert got == [s.event("acme", "stg", 1), s.event("acme", "stg", 3)]
+
+        # Resume from the second acme event's sequence with an ordered consumer.
+        config = ConsumerConfig(
+            name=nats_auth.consumer_names("acme")[0],
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=acme_seqs[1],
+        )
+        ordered = await sub.jetstream().subscribe(
+            s.events_filter("acme"), stream=s.events_stream, ordered_consumer=True, config=config
+        )
+        msg = await ordered.next_msg(timeout=5)
+        assert msg.subject == s.event("acme", "stg", 3)
+        assert msg.metadata.sequence.stream == acme_seqs[1]
+    finally:
+        await sub.close()
+
+
+async def test_subscriber_is_refused_other_organizations_and_publishing(
+    auth_nats: AuthNats, scheduler_nc: Client
+) -> None:
+    s = auth_nats.subjects
+    errors = Errors()
+    sub = await _client(auth_nats, "sub-acme", errors)
+    try:
+        await sub.subscribe(s.events_filter("globex"))
+        assert "subscription" in await errors.expect("permissions violation")
+
+        await sub.publish(s.event("acme", "stg", 99), b"{}")
+        assert s.event("acme", "stg", 99).lower() in await errors.expect("publish")
+
+        await sub.publish(s.submit, b"{}")
+        assert s.submit.lower() in await errors.expect("publish")
+
+        # A consumer filtered to another organization (named form) is refused...
+        name = nats_auth.consumer_names("acme")[0]
+        config = ConsumerConfig(name=name, filter_subject=s.events_filter("globex"))
+        with pytest.raises((asyncio.TimeoutError, nats.errors.TimeoutError)):
+            await sub.jetstream().add_consumer(s.events_stream, config, timeout=1)
+        # ...and so is the unnamed form, whose filter only the body would carry.
+        with pytest.raises((asyncio.TimeoutError, nats.errors.TimeoutError)):
+            await sub.jetstream().add_consumer(
+                s.events_stream, ConsumerConfig(filter_subject=s.events_filter("acme")), timeout=1
+            )
+        # A body whose filter differs from the allowed subject is refused by the server.
+        subject = f"$JS.API.CONSUMER.CREATE.{s.events_stream}.{name}.{s.events_filter('acme')}"
+        body = {"stream_name": s.events_stream, "config": {"name": name}}
+        body["config"]["filter_subject"] = s.events_filter("globex")  # type: ignore[index]
+        reply = json.loads((await sub.request(subject, json.dumps(body).encode(), 2)).data)
+        assert reply["error"]["err_code"] == 10131
+    finally:
+        await sub.close()
+
+
+async def test_subscriber_deliver_subject_cannot_reach_the_services(
+    auth_nats: AuthNats, scheduler_nc: Client
+) -> None:
+    """The server does not check a push consumer's deliver subject against permissions:
+    the subscribers' own account is what keeps such deliveries away from the services."""
+    s = auth_nats.subjects
+    await _publish_events(scheduler_nc, s)
+    sub = await _client(auth_nats, "sub-acme")
+    watcher = await scheduler_nc.subscribe(s.submit)
+    await scheduler_nc.flush()
+    try:
+        name = nats_auth.consumer_names("acme")[1]
+        subject = f"$JS.API.CONSUMER.CREATE.{s.events_stream}.{name}.{s.events_filter('acme')}"
+        config = {"name": name, "filter_subject": s.events_filter("acme")}
+        config.update(deliver_subject=s.submit, ack_policy="none")
+        body = {"stream_name": s.events_stream, "config": config}
+        reply = json.loads((await sub.request(subject, json.dumps(body).encode(), 2)).data)
+        assert reply.get("error") is None and reply["num_pending"] == 2
+        # Deliveries went to `xoogify.submit` of the subscribers' account only.
+        with pytest.raises(nats.errors.TimeoutError):
+            await watcher.next_msg(timeout=1)
+        info = await scheduler_nc.jetstream().stream_info(s.submit_stream)
+        assert info.state.messages == 0
+    finally:
+        await sub.close()
+
+
+async def test_runner_may_not_publish_events_nor_read_the_events_stream(
+    auth_nats: AuthNats, scheduler_nc: Client
+) -> None:
+    s = auth_nats.subjects
+    errors = Errors()
+    runner = await _client(auth_nats, "runner", errors)
+    try:
+        await runner.publish(s.event("acme", "stg", 1), b"{}")
+        assert s.event("acme", "stg", 1).lower() in await errors.expect("publish")
+        js = runner.jetstream()
+        with pytest.raises((asyncio.TimeoutError, nats.errors.TimeoutError)):
+            await js.add_consumer(
+                s.events_stream, ConsumerConfig(filter_subject=s.events_filter()), timeout=1
+            )
+        assert f"consumer.create.{s.events_stream}".lower() in await errors.expect("publish")
+        with pytest.raises((asyncio.TimeoutError, nats.errors.TimeoutError, JetStreamError)):
+            await js.get_msg(s.submit_stream, 1)
+        # What a runner needs still works: its log stream.
+        ack = await js.publish(s.log(1), b"{}")
+        assert ack.stream == s.logs_stream
+    finally:
+        await runner.close()
+
+
+async def test_stack_runs_a_job_with_every_service_on_its_own_user(
+    auth_nats: AuthNats, database_url: str, tmp_path: Path
+) -> None:
+    gateway = f"http://127.0.0.1:{free_port()}"
+    settings = auth_nats.settings(
+        "gateway",
+        database_url=database_url,
+        gateway_url=gateway,
+        modules_dir=EXAMPLE_MODULES_DIR,
+        heartbeat_s=1.0,
+        cancel_grace_s=2.0,
+        state_secret=uuid.uuid4().hex,
+    )
+    stack = Stack(settings, tmp_path / "logs")
+    try:
+        await stack.start_gateway()
+        await stack.start_scheduler(XOOGIFY_NATS_URL=auth_nats.url("scheduler"))
+        await stack.start_runner("runner-1", XOOGIFY_NATS_URL=auth_nats.url("runner"))
+        job = {
+            "organization": "acme",
+            "environment": "stg",
+            "module_type": "amd64/script",
+            "module_name": "hello",
+            "action": "PLAN",
+        }
+        # The organization's subscriber sees the job through to its end.
+        sub = await _client(auth_nats, "sub-acme")
+        events = await sub.subscribe(auth_nats.subjects.events_filter("acme"))
+        await sub.flush()
+        try:
+            async with httpx.AsyncClient(base_url=gateway) as http:
+                r = await http.post("/api/jobs", json=job)
+                assert r.status_code == 202, r.text
+                build_id = r.json()["build_id"]
+                status = None
+                while status not in ("SUCCESS", "FAILURE"):
+                    event = json.loads((await events.next_msg(timeout=30)).data)
+                    status = event["status"] if event["build_id"] == build_id else None
+                assert status == "SUCCESS", stack.logs("runner-1")
+
+                async def stored_log() -> str | None:
+                    r = await http.get(f"/api/jobs/{build_id}/logs")
+                    return r.json()["data"] if r.status_code == 200 and r.json()["complete"] else None
+
+                assert "hello" in (await eventually(stored_log)).lower()
+        finally:
+            await sub.close()
+        violations = (tmp_path / "nats.log").read_text()
+        assert "Violation" not in violations, violations[-3000:]
+    finally:
+        await stack.stop_all()
