@@ -22,6 +22,7 @@ from nats.js.api import (
 )
 from nats.js.errors import BadRequestError, NotFoundError
 
+from services.common import nats_auth
 from services.common.config import Settings
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,11 @@ async def connect(settings: Settings, name: str, **options: Any) -> Client:
     async def on_reconnect() -> None:
         log.info("nats reconnected", extra={"service": name})
 
+    # With a per-role NATS user (xoogify up, docs/security.md) replies and deliveries come
+    # to that user's own inbox prefix, the only one it may subscribe to.
+    prefix = nats_auth.inbox_prefix_for_url(settings.nats_url)
+    if prefix is not None:
+        options.setdefault("inbox_prefix", prefix)
     return await nats.connect(
         settings.nats_url,
         name=name,
