@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--data-dir", default=".xoogify")
     up.add_argument("--runners", default=machine_arch(), help="architectures, comma-separated")
     up.add_argument("--demo", action="store_true", help="also submit a few example jobs")
+    up.add_argument(
+        "--orgs", default="", help="organizations to create NATS subscriber users for (a,b)"
+    )
 
     gw = sub.add_parser("gateway", help="the HTTP/websocket gateway")
     gw.add_argument("--host", default="127.0.0.1")

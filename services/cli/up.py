@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 
+from services.common import nats_auth
 from services.common.children import pdeathsig_preexec
 from services.common.config import Settings
 from services.common.embedded import EmbeddedNats, EmbeddedPostgres
@@ -149,6 +150,32 @@ def _persistent_secret(path: Path) -> str:
     return path.read_text().strip()
 
 
+async def _start_nats(
+    data_dir: Path, logs_dir: Path, settings: Settings, orgs: list[str]
+) -> tuple[EmbeddedNats, dict[str, str]]:
+    """The embedded NATS with a user per role; passwords kept in the data dir (0600)."""
+    passwords = nats_auth.load_or_create_passwords(
+        data_dir / "nats-users.json", nats_auth.users_for(orgs)
+    )
+    config = data_dir / "nats.conf"
+    nats_auth.write_server_config(config, nats_auth.server_config(settings.subjects, passwords))
+    server = EmbeddedNats(
+        data_dir / "nats", log_file=logs_dir / "nats-server.log", config_file=config
+    )
+    await asyncio.to_thread(server.start)
+    urls = {user: nats_auth.user_url(server.url, user, pw) for user, pw in passwords.items()}
+    # Before any service publishes, so its sequences match the services' events stream.
+    await nats_auth.ensure_subscriber_stream(urls[nats_auth.SUBSCRIBERS_ADMIN], settings)
+    return server, urls
+
+
+def _role_env(env: dict[str, str], nats_urls: dict[str, str], role: str) -> dict[str, str]:
+    """A child's environment with its own NATS credentials (when we generated them)."""
+    if role not in nats_urls:
+        return env
+    return {**env, "XOOGIFY_NATS_URL": nats_urls[role]}
+
+
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
     data_dir = Path(args.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -170,9 +197,11 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         nats_url = os.environ.get("XOOGIFY_NATS_URL")
+        orgs = [o.strip() for o in (getattr(args, "orgs", None) or "").split(",") if o.strip()]
+        # Per-role NATS URLs (docs/security.md); empty with an external NATS, left as is.
+        nats_urls: dict[str, str] = {}
         if not nats_url:
-            nats = EmbeddedNats(data_dir / "nats", log_file=logs_dir / "nats-server.log")
-            await asyncio.to_thread(nats.start)
+            nats, nats_urls = await _start_nats(data_dir, logs_dir, settings, orgs)
             nats_url = nats.url
         database_url = os.environ.get("XOOGIFY_DATABASE_URL")
         if not database_url:
@@ -200,15 +229,23 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             Child(
                 "gateway",
                 ["gateway", "--host", args.host, "--port", str(args.port)],
-                env,
+                _role_env(env, nats_urls, "gateway"),
                 logs_dir / "gateway.log",
             )
         ]
-        children.append(Child("scheduler", ["scheduler"], env, logs_dir / "scheduler.log"))
+        children.append(
+            Child(
+                "scheduler",
+                ["scheduler"],
+                _role_env(env, nats_urls, "scheduler"),
+                logs_dir / "scheduler.log",
+            )
+        )
         for arch in arches:
             name = f"runner-{arch}"
             args_ = ["runner", "--arch", arch, "--runner-id", f"{socket.gethostname()[:40]}-{arch}"]
-            children.append(Child(name, args_, env, logs_dir / f"{name}.log"))
+            runner_env = _role_env(env, nats_urls, "runner")
+            children.append(Child(name, args_, runner_env, logs_dir / f"{name}.log"))
         supervisor.children = children
         for child in children:
             child.start()
@@ -224,6 +261,13 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             login = f"{url}/?token={token}" if token else url
             print(f"xoogify: ready at {url}", flush=True)
             print(f"xoogify: open {login}", flush=True)
+            for org in orgs:
+                user = nats_auth.subscriber_user(org)
+                print(
+                    f"xoogify: NATS subscriber for {org}: {nats_urls[user]} "
+                    f"(subject {settings.subjects.events_filter(org)}, see docs/security.md)",
+                    flush=True,
+                )
             print(f"xoogify: logs in {logs_dir}; Ctrl-C stops everything", flush=True)
             if args.demo:
                 await _demo(url, token, arches)

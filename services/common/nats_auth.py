@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -34,7 +35,13 @@ SUBSCRIBER_CONSUMER_SLOTS = 8
 API = "$JS.API"
 
 
+# CONTRACT.md's names: they become subject tokens and config strings, so nothing else passes.
+_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+
+
 def subscriber_user(organization: str) -> str:
+    if not _NAME.fullmatch(organization):
+        raise ValueError(f"not an organization name: {organization!r}")
     return f"{SUBSCRIBER_PREFIX}{organization}"
 
 
