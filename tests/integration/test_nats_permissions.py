@@ -267,7 +267,9 @@ async def test_stack_runs_a_job_with_every_service_on_its_own_user(
 
                 async def stored_log() -> str | None:
                     r = await http.get(f"/api/jobs/{build_id}/logs")
-                    return r.json()["data"] if r.status_code == 200 and r.json()["complete"] else None
+                    return (
+                        r.json()["data"] if r.status_code == 200 and r.json()["complete"] else None
+                    )
 
                 assert "hello" in (await eventually(stored_log)).lower()
         finally:
