@@ -221,7 +221,9 @@ def subscriber_permissions(s: Subjects, organization: str) -> Permissions:
     """
     own = s.events_filter(organization)
     stream = s.events_stream
-    publish = [f"$JS.FC.{stream}.>"]
+    # Stream info (first/last sequence, for gap checks) tells totals across organizations,
+    # never a message.
+    publish = [f"$JS.FC.{stream}.>", *_stream_info(stream)]
     for name in consumer_names(organization):
         publish += [
             f"{API}.CONSUMER.CREATE.{stream}.{name}.{own}",

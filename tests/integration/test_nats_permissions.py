@@ -122,6 +122,10 @@ async def test_subscriber_reads_its_organization_live_and_from_a_sequence(
         got = [(await live.next_msg(timeout=5)).subject for _ in range(2)]
         assert got == [s.event("acme", "stg", 1), s.event("acme", "stg", 3)]
 
+        # Its copy of the stream numbers events as the services' stream does.
+        info = await sub.jetstream().stream_info(s.events_stream)
+        assert (info.state.first_seq, info.state.last_seq) == (1, 3)
+
         # Resume from the second acme event's sequence with an ordered consumer.
         config = ConsumerConfig(
             name=nats_auth.consumer_names("acme")[0],
