@@ -12,14 +12,35 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 
 from services.common.config import EXAMPLE_MODULES_DIR, Settings
 from services.common.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from services.common.subjects import Subjects
+from tests.openapi_audit import Audit
 from tests.stack import Stack
+
+
+@pytest.fixture(autouse=True)
+def openapi_audit(monkeypatch: pytest.MonkeyPatch) -> Iterator[Audit]:
+    """Check every gateway answer a test receives through httpx against the OpenAPI
+    document; a test whose answers break the document fails."""
+    audit = Audit()
+    original = httpx.AsyncClient.send
+
+    async def send(self: httpx.AsyncClient, request: httpx.Request, **kwargs: Any) -> Any:
+        response = await original(self, request, **kwargs)
+        if not kwargs.get("stream"):
+            audit.see(request, response)
+        return response
+
+    monkeypatch.setattr(httpx.AsyncClient, "send", send)
+    yield audit
+    assert audit.found == [], "answers that break the OpenAPI document:\n" + "\n".join(audit.found)
 
 
 @pytest.fixture(scope="session")

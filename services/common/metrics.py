@@ -31,7 +31,9 @@ async def serve_metrics(
             elif path.startswith("/healthz"):
                 ok = healthy()
                 status = "200 OK" if ok else "503 Service Unavailable"
-                ctype, body = "application/json", b'{"ok": true}' if ok else b'{"ok": false}'
+                # The same shape as the gateway's /healthz.
+                ctype = "application/json"
+                body = b'{"status": "ok"}' if ok else b'{"status": "unhealthy"}'
             else:
                 status, ctype, body = "404 Not Found", "application/json", b'{"error": "not found"}'
             head = f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
