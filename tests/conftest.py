@@ -21,6 +21,7 @@ import pytest
 from services.common.config import EXAMPLE_MODULES_DIR, Settings
 from services.common.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from services.common.subjects import Subjects
+from tests import message_audit
 from tests.openapi_audit import Audit
 from tests.stack import Stack
 
@@ -111,7 +112,9 @@ def settings(nats_server: EmbeddedNats | None, database_url: str, tmp_path: Path
 
 
 @pytest.fixture
-async def stack(settings: Settings, tmp_path: Path) -> AsyncIterator[Stack]:
+async def stack(
+    settings: Settings, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[Stack]:
     """The services as real processes (gateway, scheduler, one amd64 runner unless a test
     starts others), with helpers to kill and restart them."""
     s = Stack(settings, tmp_path / "logs")
@@ -119,3 +122,6 @@ async def stack(settings: Settings, tmp_path: Path) -> AsyncIterator[Stack]:
         yield s
     finally:
         await s.stop_all()
+    if request.node.get_closest_marker("bad_messages") is None:
+        bad = await message_audit.problems(settings)
+        assert bad == [], "messages that break their schema:\n" + "\n".join(bad)
