@@ -7,6 +7,6 @@ async with XoogifyClient("http://127.0.0.1:8000", token) as xo:
         print(text, end="")
 """
 
-from services.client.http import ApiError, XoogifyClient
+from services.client.http import ApiError, Gap, XoogifyClient
 
-__all__ = ["ApiError", "XoogifyClient"]
+__all__ = ["ApiError", "Gap", "XoogifyClient"]

@@ -31,6 +31,15 @@ class ApiError(Exception):
         )
 
 
+class Gap(Exception):
+    """The point to resume from is no longer retained: events were lost to retention."""
+
+    def __init__(self, requested: int, first_available: int) -> None:
+        super().__init__(f"events after {requested} are gone; the first kept is {first_available}")
+        self.requested = requested
+        self.first_available = first_available
+
+
 class XoogifyClient:
     def __init__(self, base_url: str, token: str | None = None, timeout: float = 30.0) -> None:
         self.base_url = base_url.rstrip("/")
@@ -187,6 +196,36 @@ class XoogifyClient:
             if part["next_offset"] == offset or not part["data"]:
                 return
             offset = part["next_offset"]
+
+    async def watch(
+        self, since: int = 0, allow_gap: bool = False, **filters: str | None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Every status event matching `filters` (organization, environment, status, …) after
+        stream sequence `since`, then live: the job object plus its `stream_seq`.
+
+        A dropped socket or a `resync` resumes after the last `stream_seq` seen, so nothing
+        is lost or repeated; a point no longer retained raises Gap unless `allow_gap`."""
+        last = since
+        while True:
+            try:
+                async with self._ws() as ws:
+                    wanted = {k: v for k, v in filters.items() if v}
+                    message: dict[str, Any] = {"type": "filter", **wanted, "since": last}
+                    await ws.send(codec.dumps_str(message))
+                    async for raw in ws:
+                        frame = codec.loads(raw)
+                        kind = frame.get("type")
+                        if kind == "gap" and not allow_gap:
+                            raise Gap(int(frame["requested"]), int(frame["first_available"]))
+                        if kind == "resync":
+                            message["since"] = last
+                            await ws.send(codec.dumps_str(message))
+                        for item in frame.get("items", []) if kind == "jobs" else []:
+                            if int(item["stream_seq"]) > last:
+                                last = int(item["stream_seq"])
+                                yield item
+            except (ConnectionClosed, OSError):
+                await asyncio.sleep(0.5)
 
     async def wait_final(self, build_id: int, timeout: float = 3600.0) -> dict[str, Any]:
         """Wait for the job's final status over `/ws` (no polling); return the job."""

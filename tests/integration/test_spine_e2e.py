@@ -205,3 +205,20 @@ def test_cli_usage_error_exit_code() -> None:
         check=False,
     )
     assert result.returncode == 2
+
+
+async def test_client_watch_from_a_sequence_then_live(stack: Stack) -> None:
+    await stack.start_all()
+    async with XoogifyClient(stack.url) as xo:
+        first = await _submit(xo, "hello", org="globex")
+        await xo.wait_final(first, timeout=60)
+        second = await _submit(xo, "hello")
+        seen: list[dict] = []
+        async with asyncio.timeout(60):
+            async for event in xo.watch(organization="acme", since=0):
+                seen.append(event)
+                if event["build_id"] == second and event["status"] in FINAL:
+                    break
+    assert {e["organization"] for e in seen} == {"acme"}  # globex filtered out
+    assert [e["status"] for e in seen] == ["IN-PROGRESS", "WORKING", "SUCCESS"]
+    assert [e["stream_seq"] for e in seen] == sorted({e["stream_seq"] for e in seen})
