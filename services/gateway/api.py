@@ -22,7 +22,7 @@ from services.common.job_object import new_job
 from services.common.status import ACTIONS, Status
 from services.common.timefmt import now_iso
 from services.gateway import db, runners
-from services.gateway.context import GatewayContext
+from services.gateway.context import context_of
 from services.gateway.errors import ApiError, json_body
 
 MAX_BODY = 64 * 1024
@@ -30,11 +30,6 @@ MAX_LIMIT = 500
 MAX_LOG_LIMIT = 8 * 1024 * 1024
 MAX_BUILD_ID = 2**63 - 1
 ANONYMOUS = "anonymous"
-
-
-def _ctx(request: Request) -> GatewayContext:
-    ctx: GatewayContext = request.app.state.ctx
-    return ctx
 
 
 def _int_param(request: Request, name: str, default: int | None, lo: int, hi: int) -> int | None:
@@ -62,7 +57,7 @@ def body_hash(body: dict[str, Any]) -> str:
 
 
 async def submit_job(request: Request) -> Response:
-    ctx = _ctx(request)
+    ctx = context_of(request)
     body = await json_body(request, MAX_BODY)
     try:
         schemas.check("submission", body)
@@ -127,13 +122,13 @@ async def list_jobs(request: Request) -> Response:
     limit = _int_param(request, "limit", 50, 1, MAX_LIMIT)
     before = _int_param(request, "before", None, 1, MAX_BUILD_ID)
     assert limit is not None
-    items, next_before, watermark = await db.list_jobs(_ctx(request).pool, flt, limit, before)
+    items, next_before, watermark = await db.list_jobs(context_of(request).pool, flt, limit, before)
     return JSONResponse({"items": items, "next": next_before, "watermark": watermark})
 
 
 async def get_job(request: Request) -> Response:
     build_id = _build_id(request)
-    job = await db.get_job(_ctx(request).pool, build_id)
+    job = await db.get_job(context_of(request).pool, build_id)
     if job is None:
         raise ApiError(404, f"no job {build_id}")
     return JSONResponse(job)
@@ -144,14 +139,14 @@ async def job_logs(request: Request) -> Response:
     offset = _int_param(request, "offset", 0, 0, MAX_BUILD_ID)
     limit = _int_param(request, "limit", 1024 * 1024, 1, MAX_LOG_LIMIT)
     assert offset is not None and limit is not None
-    pool = _ctx(request).pool
+    pool = context_of(request).pool
     if await pool.fetchval("SELECT 1 FROM jobs WHERE build_id = $1", build_id) is None:
         raise ApiError(404, f"no job {build_id}")
     return JSONResponse(await db.read_log(pool, build_id, offset, limit))
 
 
 async def cancel_job(request: Request) -> Response:
-    ctx = _ctx(request)
+    ctx = context_of(request)
     build_id = _build_id(request)
     stored = await db.get_job(ctx.pool, build_id)
     request_body = {"build_id": build_id, "reason": "cancelled", "requested_by": ANONYMOUS}
@@ -175,7 +170,7 @@ async def cancel_job(request: Request) -> Response:
 
 
 async def list_runners(request: Request) -> Response:
-    return JSONResponse({"items": await runners.list_runners(_ctx(request))})
+    return JSONResponse({"items": await runners.list_runners(context_of(request))})
 
 
 routes = [

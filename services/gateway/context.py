@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 from nats.aio.client import Client
 from nats.js import JetStreamContext
+from starlette.requests import HTTPConnection
 
 from services.common.config import Settings
 
@@ -24,3 +25,9 @@ class GatewayContext:
     nc: Client
     js: JetStreamContext
     hub: Hub | None = None
+
+
+def context_of(conn: HTTPConnection) -> GatewayContext:
+    """The gateway's context for a request or websocket of this app."""
+    ctx: GatewayContext = conn.app.state.ctx
+    return ctx

@@ -23,7 +23,7 @@ from services.common.config import WEB_DIR
 from services.common.filters import FILTER_KEYS, JobFilter
 from services.common.status import ACTIONS, Status, is_final
 from services.gateway import ansi, db, runners
-from services.gateway.context import GatewayContext
+from services.gateway.context import GatewayContext, context_of
 
 PAGE_SIZE = 50
 # The first paint shows this much of a stored log; the page fetches the rest over /ws.
@@ -37,11 +37,6 @@ _env = jinja2.Environment(
     autoescape=True,
 )
 templates = Jinja2Templates(env=_env)
-
-
-def _ctx(request: Request) -> GatewayContext:
-    ctx: GatewayContext = request.app.state.ctx
-    return ctx
 
 
 def _filter_values(request: Request) -> dict[str, str]:
@@ -89,7 +84,7 @@ async def get_job_soon(ctx: GatewayContext, build_id: int) -> dict[str, Any] | N
 
 
 async def jobs_page(request: Request) -> Response:
-    ctx = _ctx(request)
+    ctx = context_of(request)
     values = _filter_values(request)
     flt = JobFilter.from_mapping(values)
     before = _int_param(request, "before")
@@ -111,7 +106,7 @@ async def jobs_page(request: Request) -> Response:
 
 
 async def job_page(request: Request) -> Response:
-    ctx = _ctx(request)
+    ctx = context_of(request)
     build_id = int(request.path_params["build_id"])
     job = await get_job_soon(ctx, build_id)
     if job is None:
@@ -142,7 +137,7 @@ async def job_page(request: Request) -> Response:
 
 
 async def raw_log(request: Request) -> Response:
-    ctx = _ctx(request)
+    ctx = context_of(request)
     build_id = int(request.path_params["build_id"])
     if await get_job_soon(ctx, build_id) is None:
         return templates.TemplateResponse(
@@ -177,7 +172,7 @@ def group_runners(items: list[dict[str, Any]]) -> list[tuple[str, list[dict[str,
 
 
 async def runners_page(request: Request) -> Response:
-    items = await runners.list_runners(_ctx(request))
+    items = await runners.list_runners(context_of(request))
     return templates.TemplateResponse(request, "runners.html", {"groups": group_runners(items)})
 
 

@@ -20,19 +20,11 @@ from starlette.routing import Route
 from services.common import codec, state_auth
 from services.common.status import MUTATING_ACTIONS, is_final
 from services.common.timefmt import format_time
-from services.gateway.context import GatewayContext
+from services.gateway.context import GatewayContext, context_of
+from services.gateway.errors import error_response
 
 MAX_STATE_BYTES = 64 * 1024 * 1024
 _WRITE_METHODS = {"POST", "DELETE", "LOCK", "UNLOCK"}
-
-
-def _error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
-
-
-def _ctx(request: Request) -> GatewayContext:
-    ctx: GatewayContext = request.app.state.ctx
-    return ctx
 
 
 def _workspace(request: Request) -> tuple[str, str, str]:
@@ -54,18 +46,22 @@ def _basic(request: Request) -> tuple[str, str] | None:
 
 async def _authorize(request: Request) -> tuple[int, Response | None]:
     """The build allowed to act here, or an error response."""
-    ctx = _ctx(request)
+    ctx = context_of(request)
     org, env, module = _workspace(request)
     creds = _basic(request)
     challenge = {"WWW-Authenticate": 'Basic realm="xoogify-state"'}
     if creds is None:
-        response = _error(401, "unauthenticated", "per-job Basic credentials required")
+        response = error_response(
+            401, code="unauthenticated", message="per-job Basic credentials required"
+        )
         response.headers.update(challenge)
         return 0, response
     path = state_auth.state_path(org, env, module)
     build_id = state_auth.verify(ctx.settings.state_secret, creds[0], creds[1], path)
     if build_id is None:
-        response = _error(401, "unauthenticated", "these credentials are not for this workspace")
+        response = error_response(
+            401, code="unauthenticated", message="these credentials are not for this workspace"
+        )
         response.headers.update(challenge)
         return 0, response
     row = await ctx.pool.fetchrow(
@@ -75,13 +71,17 @@ async def _authorize(request: Request) -> tuple[int, Response | None]:
     )
     if row is None:
         # The job's first event may not be stored yet; Terraform retries 5xx answers.
-        return 0, _error(503, "unknown-job", f"build {build_id} is not known yet")
+        return 0, error_response(
+            503, code="unknown-job", message=f"build {build_id} is not known yet"
+        )
     if (row["organization"], row["environment"], row["module_name"]) != (org, env, module):
-        return 0, _error(403, "forbidden", "this job is for another workspace")
+        return 0, error_response(403, code="forbidden", message="this job is for another workspace")
     if is_final(row["status"]):
-        return 0, _error(403, "forbidden", f"build {build_id} has ended")
+        return 0, error_response(403, code="forbidden", message=f"build {build_id} has ended")
     if request.method in _WRITE_METHODS and row["action"] not in MUTATING_ACTIONS:
-        return 0, _error(403, "forbidden", f"a {row['action']} job may only read the state")
+        return 0, error_response(
+            403, code="forbidden", message=f"a {row['action']} job may only read the state"
+        )
     return build_id, None
 
 
@@ -122,7 +122,7 @@ async def state(request: Request) -> Response:
     build_id, denied = await _authorize(request)
     if denied is not None:
         return denied
-    ctx = _ctx(request)
+    ctx = context_of(request)
     ws = _workspace(request)
     if request.method == "GET":
         row = await ctx.pool.fetchrow(
@@ -141,11 +141,13 @@ async def state(request: Request) -> Response:
     if request.method == "POST":
         body = await _capped_body(request, MAX_STATE_BYTES)
         if body is None:
-            return _error(413, "too-large", f"state over {MAX_STATE_BYTES} bytes")
+            return error_response(
+                413, code="too-large", message=f"state over {MAX_STATE_BYTES} bytes"
+            )
         try:
             codec.loads(body)
         except ValueError:
-            return _error(400, "invalid", "state is not JSON")
+            return error_response(400, code="invalid", message="state is not JSON")
         data: bytes | None = body
     else:  # DELETE keeps the history: a version without data.
         data = None
@@ -166,13 +168,13 @@ async def lock(request: Request) -> Response:
     build_id, denied = await _authorize(request)
     if denied is not None:
         return denied
-    ctx = _ctx(request)
+    ctx = context_of(request)
     ws = _workspace(request)
     raw = await request.body()
     try:
         info = codec.loads(raw) if raw else {}
     except ValueError:
-        return _error(400, "invalid", "lock info is not JSON")
+        return error_response(400, code="invalid", message="lock info is not JSON")
     lock_id = str(info.get("ID", "")) if isinstance(info, dict) else ""
     async with ctx.pool.acquire() as conn, conn.transaction():
         # Serialise lockers of one workspace; a stale lock (its job ended) is replaced.
@@ -198,7 +200,7 @@ async def unlock(request: Request) -> Response:
     build_id, denied = await _authorize(request)
     if denied is not None:
         return denied
-    ctx = _ctx(request)
+    ctx = context_of(request)
     ws = _workspace(request)
     current = await _current_lock(ctx, ws)
     if current is not None and current["build_id"] != build_id:
@@ -220,7 +222,7 @@ async def dispatch(request: Request) -> Response:
 
 
 async def versions(request: Request) -> Response:
-    rows = await _ctx(request).pool.fetch(
+    rows = await context_of(request).pool.fetch(
         "SELECT version, build_id, created_at, size FROM terraform_states"
         " WHERE organization = $1 AND environment = $2 AND module_name = $3"
         " ORDER BY version DESC",

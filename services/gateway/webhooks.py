@@ -18,7 +18,7 @@ from starlette.routing import Route
 
 from services.common import schemas
 from services.common.timefmt import format_time
-from services.gateway.context import GatewayContext
+from services.gateway.context import context_of
 from services.gateway.errors import ApiError, json_body
 
 MAX_BODY = 16 * 1024
@@ -32,8 +32,7 @@ _DELIVERY_FIELDS = (
 
 
 def _pool(request: Request) -> asyncpg.Pool:
-    ctx: GatewayContext = request.app.state.ctx
-    return ctx.pool
+    return context_of(request).pool
 
 
 def webhook_from_row(row: Any) -> dict[str, Any]:

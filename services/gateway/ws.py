@@ -20,7 +20,7 @@ from services.common import codec
 from services.common.filters import JobFilter
 from services.common.metrics import REJECTED
 from services.common.schemas import SchemaError
-from services.gateway.context import GatewayContext
+from services.gateway.context import GatewayContext, context_of
 from services.gateway.event_replay import first_seq, replay_start, stored_events
 from services.gateway.hub import WS_RESYNCS, Hub
 from services.gateway.live_client import LiveClient, ReplayWindow, jobs_frame, make_item
@@ -232,7 +232,7 @@ class Session:
 
 
 async def websocket_endpoint(websocket: WebSocket) -> None:
-    ctx: GatewayContext = websocket.app.state.ctx
+    ctx = context_of(websocket)
     hub = ctx.hub
     await websocket.accept()
     if hub is None:
