@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 from websockets.asyncio.client import ClientConnection, connect
 
 from services.common import codec
+from services.common.config import Settings
 
 T = TypeVar("T")
 
@@ -27,18 +28,27 @@ async def eventually(
             await asyncio.sleep(interval)
 
 
+def auth_headers(settings: Settings) -> dict[str, str]:
+    """What every HTTP or websocket client of a test sends to be let in: the test's admin
+    token as a Bearer header (none while the settings carry no token)."""
+    return {"Authorization": f"Bearer {settings.token}"} if settings.token else {}
+
+
 class WsRecorder:
     """A `/ws` client that records every message, and lets a test wait for one."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, headers: dict[str, str] | None = None) -> None:
         self.url = url
+        self.headers = headers or {}
         self.messages: list[dict[str, Any]] = []
         self._changed = asyncio.Condition()
         self._ws: ClientConnection | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> WsRecorder:
-        self._ws = await connect(self.url, max_size=64 * 1024 * 1024)
+        self._ws = await connect(
+            self.url, max_size=64 * 1024 * 1024, additional_headers=self.headers
+        )
         self._task = asyncio.create_task(self._read())
         await self.wait_for(lambda m: m.get("type") == "hello")
         return self
