@@ -25,6 +25,7 @@ import pytest
 import yaml
 from compose_spec import PyCompose
 
+from services.cli.main import build_parser
 from services.cli.main import main as xoogify_main
 from services.common import nats_auth, nats_cluster
 from services.common.config import REPO_ROOT, Settings
@@ -328,6 +329,24 @@ def test_migrations_run_before_any_gateway(services: dict[str, Any]) -> None:
     for service in gateways.values():
         assert service["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     assert xoogify_command(services["migrate"]) == ["migrate"]
+
+
+def test_every_command_is_one_the_cli_accepts(services: dict[str, Any]) -> None:
+    """Each xoogify service's command parses, and its health check asks the port it serves."""
+    commands = set()
+    for name, service in services.items():
+        args = xoogify_command(service)
+        if args is None:
+            continue
+        parsed = build_parser().parse_args(args)  # SystemExit (a failure) on a bad option
+        commands.add(parsed.command)
+        check = " ".join(service.get("healthcheck", {}).get("test", []))
+        port = getattr(parsed, "port", None) or getattr(parsed, "metrics_port", None)
+        if service.get("restart") != "no":
+            assert port and f"127.0.0.1:{port}/" in check, name
+    assert {"gateway", "scheduler", "runner", "migrate", "nats-config"} <= commands
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["scheduler", "--metrics-prot", "9100"])
 
 
 # --- what each service is given -------------------------------------------------------------
