@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from services.cli import nats_config
 from services.common.config import Settings, machine_arch
 
 
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     runner.add_argument("--metrics-port", type=int, default=None)
 
     sub.add_parser("migrate", help="apply the database migrations")
+    nats_config.add_parsers(sub)
 
     submit = sub.add_parser("submit", help="submit a job")
     submit.add_argument("--org", required=True)
@@ -129,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         asyncio.run(migrate(settings.database_url))
         return 0
+    if command in ("nats-config", "subscriber-stream"):
+        return nats_config.run(args, settings)
     if command == "watch":
         from services.cli.watch import run as run_watch
 
