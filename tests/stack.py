@@ -18,7 +18,6 @@ import httpx
 from services.common.children import pdeathsig_preexec
 from services.common.config import Settings
 
-
 KEY_VARIABLES = ("XOOGIFY_SECRETS_PUBLIC_KEY", "XOOGIFY_SECRETS_PRIVATE_KEY", "XOOGIFY_STATE_KEY")
 
 
