@@ -9,6 +9,7 @@ the service logs and the job log. Terraform state is not plaintext JSON at rest.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import re
@@ -26,7 +27,7 @@ from nats.js.errors import NotFoundError
 
 from services.common import codec
 from services.common.config import EXAMPLE_MODULES_DIR, Settings
-from services.common.crypto import StateCipher
+from services.common.crypto import Binding, Opener, SecretsError, StateCipher
 from services.common.embedded import EmbeddedNats
 from services.common.terraform_tools import build_provider_mirror
 from services.gateway import state_at_rest
@@ -286,3 +287,62 @@ async def test_sensitive_values_reach_the_runner_and_nothing_else(
     assert leaks(tf_secret, places) == []
     # The search itself works: the unmasked file the script wrote is found.
     assert leaks(secret, {"received": received.read_bytes()}) == ["received"]
+
+
+async def test_concurrent_submissions_are_each_sealed_for_their_own_build(
+    stack: Stack, settings: Settings
+) -> None:
+    """The gateway learns a build ID only when the stream stores the submission: sealing for
+    "last sequence + 1" must hold while other submissions race for the same sequence."""
+    await stack.start_gateway()
+    base = {
+        "organization": "acme",
+        "environment": "stg",
+        "module_type": "amd64/script",
+        "module_name": "hello",
+        "action": "PLAN",
+    }
+    async with httpx.AsyncClient(base_url=stack.url, headers=auth_headers(settings)) as client:
+
+        async def one(i: int) -> tuple[int, str | None]:
+            if i % 2:
+                body = {**base, "variables": {"n": str(i)}}
+                return await submit(client, body), None
+            value = f"v{i}-{uuid.uuid4().hex}"
+            body = {**base, "variables": {"pw": value, "n": str(i)}, "sensitive": ["pw"]}
+            return await submit(client, body), value
+
+        submitted = await asyncio.gather(*(one(i) for i in range(24)))
+        # A retried sensitive submission (same Idempotency-Key, same body) is the same job.
+        again = {**base, "variables": {"pw": "same"}, "sensitive": ["pw"]}
+        key = {"Idempotency-Key": "retry-1"}
+        first = await client.post("/api/jobs", json=again, headers=key)
+        second = await client.post("/api/jobs", json=again, headers=key)
+        assert first.status_code == second.status_code == 202
+        assert first.json()["build_id"] == second.json()["build_id"]
+        other = await client.post(
+            "/api/jobs", json={**again, "variables": {"pw": "other"}}, headers=key
+        )
+        assert other.status_code == 409
+
+    assert len({build_id for build_id, _ in submitted}) == 24
+    opener = Opener(settings.secrets_private_key)
+    nc = await nats.connect(settings.nats_url)
+    try:
+        js = nc.jetstream()
+        for build_id, value in submitted:
+            stored = await js.get_msg(settings.subjects.submit_stream, build_id)
+            message = codec.loads(stored.data or b"{}")
+            if value is None:
+                assert "secrets" not in message
+                continue
+            assert message["variables"]["pw"] == "***"
+            opened = opener.open(message["secrets"], Binding.of(build_id, message))
+            assert opened == {"pw": value}
+            # ... and for no other build.
+            with pytest.raises(SecretsError):
+                opener.open(message["secrets"], Binding.of(build_id + 1, message))
+        info = await js.stream_info(settings.subjects.submit_stream)
+        assert info.state.messages == 25  # one message per job, the retry deduplicated
+    finally:
+        await nc.close()
