@@ -24,6 +24,7 @@ import asyncpg
 import httpx
 
 from services.common.config import EXAMPLE_MODULES_DIR, Settings, machine_arch
+from services.common.crypto import generate_sealing_pair, generate_state_key
 from services.common.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from tests.stack import Stack
 
@@ -137,6 +138,7 @@ async def running_stack(
     workdir = _tempdir("xoogify-bench-run-")
     nats = EmbeddedNats(workdir / "nats", log_file=workdir / "nats.log").start()
     database_url = await servers.new_database()
+    private_key, public_key = generate_sealing_pair()
     settings = Settings(
         nats_url=nats.url,
         database_url=database_url,
@@ -144,6 +146,9 @@ async def running_stack(
         modules_dir=modules_dir or EXAMPLE_MODULES_DIR,
         state_secret=uuid.uuid4().hex,
         log_cap_bytes=log_cap_bytes,
+        secrets_public_key=public_key,
+        secrets_private_key=private_key,
+        state_key=generate_state_key(),
     )
     bench = BenchStack(settings, Stack(settings, workdir / "logs"), workdir)
     try:

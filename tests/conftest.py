@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from services.common.config import EXAMPLE_MODULES_DIR, Settings
+from services.common.crypto import generate_sealing_pair, generate_state_key
 from services.common.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from services.common.subjects import Subjects
 from tests import message_audit
@@ -99,6 +100,7 @@ def nats_server(tmp_path: Path) -> Iterator[EmbeddedNats | None]:
 def settings(nats_server: EmbeddedNats | None, database_url: str, tmp_path: Path) -> Settings:
     nats_url = nats_server.url if nats_server else os.environ["XOOGIFY_TEST_NATS_URL"]
     prefix = "xoogify" if nats_server else f"t{uuid.uuid4().hex[:10]}"
+    private_key, public_key = generate_sealing_pair()
     return Settings(
         nats_url=nats_url,
         database_url=database_url,
@@ -108,6 +110,9 @@ def settings(nats_server: EmbeddedNats | None, database_url: str, tmp_path: Path
         heartbeat_s=1.0,
         cancel_grace_s=2.0,
         state_secret=uuid.uuid4().hex,
+        secrets_public_key=public_key,
+        secrets_private_key=private_key,
+        state_key=generate_state_key(),
     )
 
 

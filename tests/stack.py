@@ -18,8 +18,25 @@ import httpx
 from services.common.children import pdeathsig_preexec
 from services.common.config import Settings
 
+KEY_VARIABLES = ("XOOGIFY_SECRETS_PUBLIC_KEY", "XOOGIFY_SECRETS_PRIVATE_KEY", "XOOGIFY_STATE_KEY")
 
-def settings_env(settings: Settings) -> dict[str, str]:
+
+def role_keys(settings: Settings, role: str) -> dict[str, str]:
+    """Only the keys a service of this role holds (as `xoogify up` hands them out): the
+    gateway seals and keeps state, runners open, the scheduler holds none."""
+    if role == "gateway":
+        return {
+            "XOOGIFY_SECRETS_PUBLIC_KEY": settings.secrets_public_key,
+            "XOOGIFY_STATE_KEY": settings.state_key,
+        }
+    if role == "runner":
+        return {"XOOGIFY_SECRETS_PRIVATE_KEY": settings.secrets_private_key}
+    return {}
+
+
+def settings_env(settings: Settings, role: str | None = None) -> dict[str, str]:
+    """The environment of a service process; with a `role`, only that role's keys (no role:
+    every key, for a caller that does not say what it starts)."""
     env = dict(os.environ)
     env.update(
         {
@@ -37,6 +54,12 @@ def settings_env(settings: Settings) -> dict[str, str]:
             "XOOGIFY_DRAIN_TIMEOUT_S": "5",
         }
     )
+    for name in KEY_VARIABLES:
+        env.pop(name, None)
+    if role is None:
+        env.update({**role_keys(settings, "gateway"), **role_keys(settings, "runner")})
+    else:
+        env.update(role_keys(settings, role))
     if settings.tf_plugin_mirror:
         env["XOOGIFY_TF_PLUGIN_MIRROR"] = str(settings.tf_plugin_mirror)
     if settings.token:
@@ -62,8 +85,8 @@ class Stack:
     def ws_url(self) -> str:
         return self.settings.gateway_url.replace("http://", "ws://") + "/ws"
 
-    def env(self, **extra: str) -> dict[str, str]:
-        env = settings_env(self.settings)
+    def env(self, role: str | None = None, **extra: str) -> dict[str, str]:
+        env = settings_env(self.settings, role)
         env.update(extra)
         return env
 
@@ -72,7 +95,7 @@ class Stack:
         out = open(self.log_dir / f"{name}.log", "ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "services.cli.main", *args],
-            env=self.env(**extra_env),
+            env=self.env(args[0], **extra_env),
             stdout=out,
             stderr=subprocess.STDOUT,
             preexec_fn=pdeathsig_preexec,

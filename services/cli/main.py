@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from services.cli import nats_config
 from services.common.config import Settings, machine_arch
+from services.common.crypto import SecretsError
 
 
 def _labels(values: list[str] | None) -> dict[str, str]:
@@ -98,7 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = Settings.from_env()
+    try:
+        return _command(args, Settings.from_env())
+    except SecretsError as exc:
+        # A key this service must hold is missing or malformed: say which, start nothing.
+        print(f"xoogify {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _command(args: argparse.Namespace, settings: Settings) -> int:
     command = args.command
     if command == "gateway":
         from services.common import logging_setup

@@ -25,6 +25,7 @@ import httpx
 from services.common import nats_auth
 from services.common.children import pdeathsig_preexec
 from services.common.config import Settings
+from services.common.crypto import generate_sealing_pair, generate_state_key
 from services.common.embedded import EmbeddedNats, EmbeddedPostgres
 from services.common.terraform_tools import build_provider_mirror
 
@@ -169,11 +170,58 @@ async def _start_nats(
     return server, urls
 
 
-def _role_env(env: dict[str, str], nats_urls: dict[str, str], role: str) -> dict[str, str]:
-    """A child's environment with its own NATS credentials (when we generated them)."""
-    if role not in nats_urls:
-        return env
-    return {**env, "XOOGIFY_NATS_URL": nats_urls[role]}
+PUBLIC_KEY = "XOOGIFY_SECRETS_PUBLIC_KEY"
+PRIVATE_KEY = "XOOGIFY_SECRETS_PRIVATE_KEY"
+STATE_KEY = "XOOGIFY_STATE_KEY"
+
+
+def _write_key(path: Path, value: str) -> None:
+    """Mode 0600 from the first byte: never readable by others, not even for a moment."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(value + "\n")
+
+
+def _role_keys(data_dir: Path, env: dict[str, str]) -> dict[str, dict[str, str]]:
+    """The keys each role may hold (docs/security.md, "Secrets"): the gateway seals with the
+    public key and keeps state with the state key; runners open with the private key; the
+    scheduler holds none. Taken from the environment when given, else generated once into
+    the data dir."""
+    private, public = env.pop(PRIVATE_KEY, ""), env.pop(PUBLIC_KEY, "")
+    if not (private and public):
+        private_file, public_file = (
+            data_dir / "secrets-private.key",
+            data_dir / "secrets-public.key",
+        )
+        if not private_file.exists():
+            new_private, new_public = generate_sealing_pair()
+            _write_key(public_file, new_public)  # first: a private key file implies its pair
+            _write_key(private_file, new_private)
+        private, public = private_file.read_text().strip(), public_file.read_text().strip()
+    state = env.pop(STATE_KEY, "")
+    if not state:
+        state_file = data_dir / "state.key"
+        if not state_file.exists():
+            _write_key(state_file, generate_state_key())
+        state = state_file.read_text().strip()
+    return {
+        "gateway": {PUBLIC_KEY: public, STATE_KEY: state},
+        "scheduler": {},
+        "runner": {PRIVATE_KEY: private},
+    }
+
+
+def _role_env(
+    env: dict[str, str], nats_urls: dict[str, str], keys: dict[str, dict[str, str]], role: str
+) -> dict[str, str]:
+    """A child's environment: its own NATS credentials (when we generated them) and only
+    the keys its role may hold."""
+    child = {**env, **keys[role]}
+    if role in nats_urls:
+        child["XOOGIFY_NATS_URL"] = nats_urls[role]
+    return child
 
 
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
@@ -212,6 +260,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         env = dict(os.environ)
         env.setdefault("XOOGIFY_STATE_SECRET", _persistent_secret(data_dir / "state-secret"))
         env.setdefault("XOOGIFY_DRAIN_TIMEOUT_S", str(DRAIN_S))
+        keys = _role_keys(data_dir, env)
         if not env.get("XOOGIFY_TF_PLUGIN_MIRROR"):
             # Offline Terraform: providers from the installed wheels, as a local mirror.
             mirror = build_provider_mirror(data_dir / "tf-mirror")
@@ -229,7 +278,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             Child(
                 "gateway",
                 ["gateway", "--host", args.host, "--port", str(args.port)],
-                _role_env(env, nats_urls, "gateway"),
+                _role_env(env, nats_urls, keys, "gateway"),
                 logs_dir / "gateway.log",
             )
         ]
@@ -237,14 +286,14 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             Child(
                 "scheduler",
                 ["scheduler"],
-                _role_env(env, nats_urls, "scheduler"),
+                _role_env(env, nats_urls, keys, "scheduler"),
                 logs_dir / "scheduler.log",
             )
         )
         for arch in arches:
             name = f"runner-{arch}"
             args_ = ["runner", "--arch", arch, "--runner-id", f"{socket.gethostname()[:40]}-{arch}"]
-            runner_env = _role_env(env, nats_urls, "runner")
+            runner_env = _role_env(env, nats_urls, keys, "runner")
             children.append(Child(name, args_, runner_env, logs_dir / f"{name}.log"))
         supervisor.children = children
         for child in children:

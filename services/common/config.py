@@ -62,6 +62,12 @@ class Settings:
     # Shared by the scheduler (issues per-job Terraform state credentials) and the gateway
     # (checks them); empty means the state backend refuses everyone.
     state_secret: str = ""
+    # Secrets (services.common.crypto), base64. The gateway holds the public key (it seals
+    # sensitive values, it cannot open them) and the state key(s) (Terraform state at rest);
+    # runners hold the private key(s). Comma-separated lists: the first key is current.
+    secrets_public_key: str = field(default="", repr=False)
+    secrets_private_key: str = field(default="", repr=False)
+    state_key: str = field(default="", repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -83,4 +89,7 @@ class Settings:
             cancel_grace_s=_float(env, "XOOGIFY_CANCEL_GRACE_S", 10.0),
             log_cap_bytes=_int(env, "XOOGIFY_LOG_CAP_BYTES", 64 * 1024 * 1024),
             state_secret=env.get("XOOGIFY_STATE_SECRET") or "",
+            secrets_public_key=env.get("XOOGIFY_SECRETS_PUBLIC_KEY") or "",
+            secrets_private_key=env.get("XOOGIFY_SECRETS_PRIVATE_KEY") or "",
+            state_key=env.get("XOOGIFY_STATE_KEY") or "",
         )

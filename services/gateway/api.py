@@ -6,7 +6,6 @@ is published to JetStream and its stream sequence is its build ID.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import orjson
@@ -21,7 +20,7 @@ from services.common.filters import JobFilter
 from services.common.job_object import new_job
 from services.common.status import ACTIONS, Status
 from services.common.timefmt import now_iso
-from services.gateway import db, runners
+from services.gateway import db, runners, sealing
 from services.gateway.context import context_of
 from services.gateway.errors import ApiError, json_body
 
@@ -52,8 +51,10 @@ def _build_id(request: Request) -> int:
     return build_id
 
 
-def body_hash(body: dict[str, Any]) -> str:
-    return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+def body_hash(body: dict[str, Any], keys: sealing.GatewayKeys) -> str:
+    # Keyed: the body may hold sensitive values, and a plain hash of a weak one could be
+    # guessed offline from the submit stream.
+    return keys.state.keyed_hash(orjson.dumps(body, option=orjson.OPT_SORT_KEYS))
 
 
 async def submit_job(request: Request) -> Response:
@@ -75,22 +76,24 @@ async def submit_job(request: Request) -> Response:
     key = request.headers.get("idempotency-key")
     if key is not None and not 1 <= len(key) <= 200:
         raise ApiError(422, "bad Idempotency-Key", fields={"Idempotency-Key": "1..200 chars"})
+    # Sensitive values are sealed for the runners here and now; only "***" goes further.
+    shown, hidden = sealing.split(variables, sensitive)
     message = {
         "organization": body["organization"],
         "environment": body["environment"],
         "module_type": body["module_type"],
         "module_name": body["module_name"],
         "action": body["action"],
-        "variables": variables,
+        "variables": shown,
         "sensitive": sensitive,
         "timeout_s": body.get("timeout_s"),
         "requested_by": ANONYMOUS,
         "submitted_at": now_iso(),
-        "body_hash": body_hash(body),
+        "body_hash": body_hash(body, ctx.keys),
     }
     subjects = ctx.settings.subjects
     headers = {"Nats-Msg-Id": f"{body['organization']}:{key}"} if key else None
-    ack = await ctx.js.publish(subjects.submit, codec.dumps(message), headers=headers)
+    ack = await sealing.publish_submission(ctx.js, ctx.settings, ctx.keys, message, hidden, headers)
     build_id = int(ack.seq)
     if ack.duplicate:
         stored = codec.loads((await ctx.js.get_msg(subjects.submit_stream, build_id)).data or b"{}")

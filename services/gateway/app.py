@@ -25,11 +25,23 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.common import bus
 from services.common.config import WEB_DIR, Settings
-from services.gateway import api, db, health, migrate, openapi, pages, state_backend, webhooks, ws
+from services.gateway import (
+    api,
+    db,
+    health,
+    migrate,
+    openapi,
+    pages,
+    state_at_rest,
+    state_backend,
+    webhooks,
+    ws,
+)
 from services.gateway.context import GatewayContext
 from services.gateway.errors import error_response, handlers
 from services.gateway.hub import Hub
 from services.gateway.ingest import Ingestor
+from services.gateway.sealing import GatewayKeys
 from services.gateway.webhook_delivery import WebhookConfig, WebhookWorker
 
 log = logging.getLogger(__name__)
@@ -80,13 +92,20 @@ class Running:
         self.tasks: list[asyncio.Task[None]] = []
         self.webhooks: WebhookWorker | None = None
 
-    async def start(self, app: Starlette, settings: Settings, gateway_id: str) -> None:
+    async def start(
+        self, app: Starlette, settings: Settings, gateway_id: str, keys: GatewayKeys
+    ) -> None:
         self.nc = await _connect_nats(settings, gateway_id)
         app.state.nc = self.nc  # /readyz reports NATS while Postgres is still awaited
         self.pool = await _connect_postgres(settings)
-        ctx = GatewayContext(settings, gateway_id, self.pool, self.nc, self.nc.jetstream())
+        ctx = GatewayContext(settings, gateway_id, self.pool, self.nc, self.nc.jetstream(), keys)
         self.ingestors = [Ingestor(ctx, "events"), Ingestor(ctx, "logs")]
         self.tasks = [asyncio.create_task(i.run(), name=f"ingest-{i.kind}") for i in self.ingestors]
+        self.tasks.append(
+            asyncio.create_task(
+                state_at_rest.reencrypt_in_background(self.pool, keys.state), name="state-keys"
+            )
+        )
         ctx.hub = Hub(ctx)
         await ctx.hub.start()
         self.webhooks = WebhookWorker(self.pool, WebhookConfig.from_env())
@@ -141,11 +160,15 @@ class WaitForStart:
 
 
 def create_app(settings: Settings, gateway_id: str = "gw") -> Starlette:
+    # Checked before anything starts: a gateway without its keys refuses to run (SecretsError
+    # names the missing setting).
+    keys = GatewayKeys.from_settings(settings)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         running = Running()
         app.state.started = asyncio.Event()
-        starting = asyncio.create_task(running.start(app, settings, gateway_id))
+        starting = asyncio.create_task(running.start(app, settings, gateway_id, keys))
         await asyncio.wait([starting], timeout=START_WAIT_S)
         if starting.done() and starting.exception() is not None:
             raise RuntimeError("gateway start-up failed") from starting.exception()

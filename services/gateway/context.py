@@ -15,6 +15,7 @@ from services.common.config import Settings
 
 if TYPE_CHECKING:
     from services.gateway.hub import Hub
+    from services.gateway.sealing import GatewayKeys
 
 
 @dataclass
@@ -24,6 +25,7 @@ class GatewayContext:
     pool: asyncpg.Pool[Any]
     nc: Client
     js: JetStreamContext
+    keys: GatewayKeys
     hub: Hub | None = None
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 from typing import Any
 
 from starlette.requests import Request
@@ -18,10 +19,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from services.common import codec, state_auth
+from services.common.crypto import SecretsError
 from services.common.status import MUTATING_ACTIONS, is_final
 from services.common.timefmt import format_time
+from services.gateway import state_at_rest
 from services.gateway.context import GatewayContext, context_of
 from services.gateway.errors import error_response
+
+log = logging.getLogger(__name__)
 
 MAX_STATE_BYTES = 64 * 1024 * 1024
 _WRITE_METHODS = {"POST", "DELETE", "LOCK", "UNLOCK"}
@@ -126,13 +131,20 @@ async def state(request: Request) -> Response:
     ws = _workspace(request)
     if request.method == "GET":
         row = await ctx.pool.fetchrow(
-            "SELECT data FROM terraform_states WHERE organization = $1 AND environment = $2"
-            " AND module_name = $3 ORDER BY version DESC LIMIT 1",
+            "SELECT data, key_id FROM terraform_states WHERE organization = $1"
+            " AND environment = $2 AND module_name = $3 ORDER BY version DESC LIMIT 1",
             *ws,
         )
         if row is None or row["data"] is None:
             return Response(status_code=204)
-        return Response(bytes(row["data"]), media_type="application/json")
+        try:
+            clear = state_at_rest.open_row(ctx.keys.state, ws, row["key_id"], bytes(row["data"]))
+        except SecretsError as exc:
+            log.error(
+                "state does not decrypt", extra={"workspace": "/".join(ws), "error": str(exc)}
+            )
+            return error_response(500, code="internal", message="the stored state does not decrypt")
+        return Response(clear, media_type="application/json")
 
     lock = await _current_lock(ctx, ws)
     lock_id = request.query_params.get("ID")
@@ -151,15 +163,17 @@ async def state(request: Request) -> Response:
         data: bytes | None = body
     else:  # DELETE keeps the history: a version without data.
         data = None
+    key_id, sealed = (None, None) if data is None else state_at_rest.seal(ctx.keys.state, ws, data)
     await ctx.pool.execute(
         "INSERT INTO terraform_states (organization, environment, module_name, version,"
-        " build_id, size, data)"
-        " SELECT $1, $2, $3, COALESCE(max(version), 0) + 1, $4, $5, $6 FROM terraform_states"
+        " build_id, size, data, key_id)"
+        " SELECT $1, $2, $3, COALESCE(max(version), 0) + 1, $4, $5, $6, $7 FROM terraform_states"
         " WHERE organization = $1 AND environment = $2 AND module_name = $3",
         *ws,
         build_id,
         len(data or b""),
-        data,
+        sealed,
+        key_id,
     )
     return Response(status_code=200)
 

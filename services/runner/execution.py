@@ -14,6 +14,7 @@ from pathlib import Path
 
 from nats.js import JetStreamContext
 
+from services.common import crypto
 from services.common.config import Settings
 from services.common.status import Reason
 from services.runner import process
@@ -32,6 +33,12 @@ PUMP_DRAIN_S = 5.0
 
 async def execute(js: JetStreamContext, settings: Settings, job: Job, stop: StopRequest) -> Outcome:
     """Run `job` to its end and return the outcome; the log's eof chunk is acked by then."""
+    sealed_error: str | None = None
+    try:
+        # Opened only now, so the clear values live in this process just for the run.
+        job = job.opened(settings.secrets_private_key)
+    except crypto.SecretsError as exc:
+        sealed_error = str(exc)
     stream = LogStream(
         js,
         settings.subjects.log(job.build_id),
@@ -41,12 +48,17 @@ async def execute(js: JetStreamContext, settings: Settings, job: Job, stop: Stop
         settings.log_cap_bytes,
     )
     async with stream as logs:
-        try:
-            outcome = await _run(settings, job, stop, logs)
-        except Exception as exc:
-            log.exception("job failed inside the runner", extra={"build_id": job.build_id})
-            await logs.note(f"[xoogify] internal error in the runner: {exc!r}")
+        if sealed_error is not None:
+            log.warning("sensitive values did not open", extra={"build_id": job.build_id})
+            await logs.note(f"[xoogify] the sensitive values did not open: {sealed_error}")
             outcome = Outcome(reason=Reason.INTERNAL)
+        else:
+            try:
+                outcome = await _run(settings, job, stop, logs)
+            except Exception as exc:
+                log.exception("job failed inside the runner", extra={"build_id": job.build_id})
+                await logs.note(f"[xoogify] internal error in the runner: {exc!r}")
+                outcome = Outcome(reason=Reason.INTERNAL)
         await logs.close()
     return outcome
 

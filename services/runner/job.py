@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
+
+from services.common import crypto
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,9 @@ class Job:
     timeout_s: int
     attempt: int
     state: dict[str, Any] | None = None
+    # The sensitive values, sealed for the runners and bound to this build; `variables`
+    # holds "***" for them until `opened` puts the clear values in, just before the run.
+    sealed: str | None = None
 
     @classmethod
     def from_dispatch(cls, msg: dict[str, Any]) -> Job:
@@ -35,7 +40,30 @@ class Job:
             timeout_s=int(msg["timeout_s"]),
             attempt=int(msg["attempt"]),
             state=msg.get("state"),
+            sealed=msg.get("secrets"),
         )
+
+    def opened(self, private_keys: str) -> Job:
+        """This job with its sensitive values in clear (raises SecretsError when they do not
+        open for this build). A job without sealed values needs no key."""
+        if self.sealed is None:
+            return self
+        opener = crypto.Opener(private_keys)
+        binding = crypto.Binding(
+            self.build_id,
+            self.organization,
+            self.environment,
+            self.module_name,
+            self.module_type,
+            self.action,
+        )
+        values = opener.open(self.sealed, binding)
+        expected = {name for name in self.sensitive if name in self.variables}
+        if set(values) != expected:
+            raise crypto.SecretsError(
+                f"the sealed values are for {sorted(values)}, the job names {sorted(expected)}"
+            )
+        return replace(self, variables={**self.variables, **values}, sealed=None)
 
     @property
     def arch(self) -> str:

@@ -15,7 +15,8 @@ from collections.abc import Mapping
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
 
-from services.common import bus
+from services.common import bus, crypto
+from services.common.children import forbid_inspection
 from services.common.config import Settings
 from services.common.metrics import serve_metrics
 from services.runner.executors import EXECUTORS
@@ -168,6 +169,12 @@ async def run(
     runner_id: str | None,
 ) -> None:
     """Entry point of `xoogify runner`: serve until SIGTERM/SIGINT, then drain and return."""
+    # A runner that could not open a job's sensitive values would fail it: refuse to start
+    # instead (SecretsError names the setting).
+    crypto.Opener(settings.secrets_private_key)
+    # The private key is in this process's environment and memory; the jobs it runs are
+    # processes of the same user.
+    forbid_inspection()
     service = RunnerService(
         settings, arch, kinds, labels, runner_id, drain_timeout_s=drain_timeout_from_env()
     )

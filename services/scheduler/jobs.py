@@ -32,6 +32,10 @@ class JobRecord:
     sensitive: list[str]
     timeout_s: int
     attempt: int = 1
+    # The sensitive values sealed by the gateway for the runners (services.common.crypto),
+    # bound to this build; the scheduler cannot open it and only passes it on. `variables`
+    # holds "***" for those names.
+    sealed: str | None = None
     # A stop was asked of the runner ("cancelled" or "timeout"), and when: the runner has
     # cancel_grace_s + 10 s to report before the scheduler ends the job itself.
     stop_reason: str | None = None
@@ -107,7 +111,8 @@ class JobRecord:
         return payload
 
     def dispatch(self, state_secret: str = "", gateway_url: str = "") -> dict[str, Any]:
-        """The work message for runners (schema dispatch), with clear variables; a terraform
+        """The work message for runners (schema dispatch), with the variables (sensitive ones
+        only sealed, in `secrets`); a terraform
         job also gets its workspace's state backend address and per-job credentials (only
         here: never in a status event)."""
         job = self.job
@@ -123,6 +128,8 @@ class JobRecord:
             "timeout_s": self.timeout_s,
             "attempt": self.attempt,
         }
+        if self.sealed is not None:
+            message["secrets"] = self.sealed
         if self.kind == "terraform":
             message["state"] = state_auth.issue(
                 state_secret, gateway_url, self.build_id, *self.workspace
@@ -142,6 +149,7 @@ class JobRecord:
             "sensitive": list(self.sensitive),
             "timeout_s": self.timeout_s,
             "attempt": self.attempt,
+            "sealed": self.sealed,
             "stop_reason": self.stop_reason,
             "stop_asked_at": self.stop_asked_at,
             "runner_started_at": self.runner_started_at,
@@ -155,6 +163,7 @@ class JobRecord:
             sensitive=list(value["sensitive"]),
             timeout_s=int(value["timeout_s"]),
             attempt=int(value.get("attempt", 1)),
+            sealed=value.get("sealed"),
             stop_reason=value.get("stop_reason"),
             stop_asked_at=value.get("stop_asked_at"),
             runner_started_at=value.get("runner_started_at"),

@@ -112,6 +112,7 @@ class Machine:
             variables=dict(message["variables"]),
             sensitive=sensitive,
             timeout_s=int(message.get("timeout_s") or self.limits.default_timeout_s),
+            sealed=message.get("secrets"),
         )
         if rec.mutating:
             ahead = sum(1 for r in self._queue(rec.workspace) if r.build_id < build_id)

@@ -11,7 +11,7 @@ import asyncpg
 import httpx
 from nats.aio.msg import Msg
 
-from services.common import bus, codec, schemas
+from services.common import bus, codec, crypto, schemas
 from services.common.config import Settings
 from services.common.filters import JobFilter
 from services.common.timefmt import format_time
@@ -49,7 +49,12 @@ async def test_submit_publishes_and_answers_202(settings: Settings) -> None:
         assert job["started_at"] is None and job["runner_id"] is None
         stored = await pub.js.get_msg(settings.subjects.submit_stream, job["build_id"])
         message = schemas.decode("submit_message", stored.data or b"")
-        assert message["variables"] == SUBMISSION["variables"]
+        # The sensitive value only sealed, for this build and only a runner's key opens it.
+        assert message["variables"] == {"GREETING": "hi", "TOKEN": "***"}
+        assert "s3cret" not in (stored.data or b"").decode()
+        binding = crypto.Binding.of(job["build_id"], message)
+        opened = crypto.Opener(settings.secrets_private_key).open(message["secrets"], binding)
+        assert opened == {"TOKEN": "s3cret"}
         assert message["sensitive"] == ["TOKEN"] and message["module_name"] == "hello"
 
 

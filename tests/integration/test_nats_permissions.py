@@ -19,6 +19,7 @@ from nats.js.errors import Error as JetStreamError
 
 from services.common import bus, nats_auth
 from services.common.config import EXAMPLE_MODULES_DIR, Settings
+from services.common.crypto import generate_sealing_pair, generate_state_key
 from services.common.embedded import EmbeddedNats, free_port
 from services.common.subjects import Subjects
 from tests.stack import Stack
@@ -233,6 +234,7 @@ async def test_stack_runs_a_job_with_every_service_on_its_own_user(
     auth_nats: AuthNats, database_url: str, tmp_path: Path
 ) -> None:
     gateway = f"http://127.0.0.1:{free_port()}"
+    private_key, public_key = generate_sealing_pair()
     settings = auth_nats.settings(
         "gateway",
         database_url=database_url,
@@ -241,6 +243,9 @@ async def test_stack_runs_a_job_with_every_service_on_its_own_user(
         heartbeat_s=1.0,
         cancel_grace_s=2.0,
         state_secret=uuid.uuid4().hex,
+        secrets_public_key=public_key,
+        secrets_private_key=private_key,
+        state_key=generate_state_key(),
     )
     stack = Stack(settings, tmp_path / "logs")
     try:
@@ -253,6 +258,9 @@ async def test_stack_runs_a_job_with_every_service_on_its_own_user(
             "module_type": "amd64/script",
             "module_name": "hello",
             "action": "PLAN",
+            # Sealed on the gateway's own permissions (it reads the submit stream's info).
+            "variables": {"pw": "s3cret"},
+            "sensitive": ["pw"],
         }
         # The organization's subscriber sees the job through to its end.
         sub = await _client(auth_nats, "sub-acme")

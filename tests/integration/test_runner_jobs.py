@@ -22,7 +22,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from services.common import bus, codec, schemas
+from services.common import bus, codec, crypto, schemas
 from services.common.config import EXAMPLE_MODULES_DIR, Settings
 from services.runner.service import RunnerService
 
@@ -399,9 +399,19 @@ async def test_sensitive_value_never_appears_in_any_chunk(
     rsettings: Settings, sched: FakeScheduler
 ) -> None:
     secret = "S3cr3t-V4lue"
+    # As the scheduler passes it on: the value sealed by the gateway for build 11.
+    identity = {"organization": "acme", "environment": "stg", "module_name": "leak"}
+    binding = crypto.Binding.of(
+        11, {**identity, "module_type": "amd64/script", "action": "APPLY-AUTO"}
+    )
+    sealed = crypto.Sealer(rsettings.secrets_public_key).seal({"password": secret}, binding)
     async with running(rsettings):
         await sched.dispatch(
-            11, "leak", variables={"password": secret, "user": "bob"}, sensitive=["password"]
+            11,
+            "leak",
+            variables={"password": "***", "user": "bob"},
+            sensitive=["password"],
+            secrets=sealed,
         )
         report = await sched.report(11)
     assert report["exit_code"] == 0

@@ -21,7 +21,9 @@ from services.client import XoogifyClient
 from services.client.http import ApiError
 from services.common import codec
 from services.common.config import EXAMPLE_MODULES_DIR, Settings
+from services.common.crypto import StateCipher
 from services.common.terraform_tools import build_provider_mirror
+from services.gateway import state_at_rest
 from tests.stack import Stack
 from tests.support import eventually
 
@@ -141,16 +143,26 @@ async def test_apply_plan_destroy_on_two_runners(tf_stack: Stack, terraform: str
     db = await asyncpg.connect(stack.settings.database_url)
     try:
         rows = await db.fetch(
-            "SELECT version, build_id, data FROM terraform_states WHERE organization = 'acme'"
-            " AND environment = 'stg' AND module_name = 'network' ORDER BY version"
+            "SELECT version, build_id, data, key_id FROM terraform_states"
+            " WHERE organization = 'acme' AND environment = 'stg' AND module_name = 'network'"
+            " ORDER BY version"
         )
         locks = await db.fetchval("SELECT count(*) FROM terraform_locks")
     finally:
         await db.close()
     assert [r["build_id"] for r in rows] == sorted(builds)
-    after_apply = codec.loads(bytes(rows[builds[::-1].index(apply_id)]["data"]))
+    # Stored encrypted (docs/security.md): not JSON at rest, the state key opens it.
+    cipher = StateCipher(stack.settings.state_key)
+    for row in rows:
+        assert row["key_id"] == cipher.current and not bytes(row["data"]).startswith(b"{")
+
+    def opened(row: asyncpg.Record) -> Any:
+        ws = ("acme", "stg", "network")
+        return codec.loads(state_at_rest.open_row(cipher, ws, row["key_id"], bytes(row["data"])))
+
+    after_apply = opened(rows[builds[::-1].index(apply_id)])
     assert [r["type"] for r in after_apply["resources"]] == ["null_resource"]
-    last = codec.loads(bytes(rows[-1]["data"]))
+    last = opened(rows[-1])
     assert rows[-1]["build_id"] == destroy_id and last["resources"] == []
     assert locks == 0  # every job unlocked what it locked
 

@@ -19,6 +19,7 @@ from services.scheduler.machine import Limits, Machine
 from services.scheduler.runners import RunnerInfo
 
 T0 = 1_800_000_000.0
+SEALED = "hpke1.0123456789ab.c2VhbGVk"
 
 JOB_FIELDS = {
     "build_id", "organization", "environment", "module_type", "module_name", "action",
@@ -34,8 +35,10 @@ def submission(**over: Any) -> dict[str, Any]:
         "module_type": "amd64/terraform",
         "module_name": "vpc",
         "action": "PLAN",
-        "variables": {"region": "eu-west-1", "password": "hunter2"},
+        # As the gateway publishes it: the sensitive value only sealed (services.common.crypto).
+        "variables": {"region": "eu-west-1", "password": "***"},
         "sensitive": ["password"],
+        "secrets": SEALED,
         "timeout_s": None,
         "requested_by": "alice",
         "submitted_at": iso(T0),
@@ -93,7 +96,11 @@ def test_admit_saves_then_publishes_seq1_then_dispatches() -> None:
     assert event["variables"] == {"region": "eu-west-1", "password": "***"}
     [d] = dispatches(effects)
     assert (d.arch, d.kind, d.msg_id) == ("amd64", "terraform", "dispatch-5-1")
-    assert d.payload["variables"]["password"] == "hunter2"  # clear for the runner
+    # The scheduler cannot open the sealed values; it passes them on as they came.
+    assert d.payload["variables"]["password"] == "***" and d.payload["secrets"] == SEALED
+    save = next(e for e in effects if isinstance(e, SaveJob))
+    assert save.value["sealed"] == SEALED and save.value["variables"]["password"] == "***"
+    assert JobRecord.from_value(save.value).dispatch()["secrets"] == SEALED
     assert d.payload["sensitive"] == ["password"] and d.payload["attempt"] == 1
     assert d.payload["timeout_s"] == 3600
 
