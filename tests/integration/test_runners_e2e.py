@@ -136,7 +136,8 @@ async def test_workspace_queue_one_apply_at_a_time_plans_beside(stack: Stack) ->
         # Queued behind the first: positions 1 and 2, on /ws and over the API.
         queued = await ws.wait_job_status(second, {"IN-PROGRESS"})
         assert queued["queue_position"] == 1
-        assert ws.job_items(third)[0]["queue_position"] == 2
+        queued_third = await ws.wait_job_status(third, {"IN-PROGRESS"})
+        assert queued_third["queue_position"] == 2
         await stored_job(xo, second, status="IN-PROGRESS", queue_position=1)
         await stored_job(xo, third, status="IN-PROGRESS", queue_position=2)
 
