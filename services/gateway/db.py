@@ -155,7 +155,10 @@ async def get_job(pool: asyncpg.Pool, build_id: int) -> dict[str, Any] | None:
 
 async def read_log(pool: asyncpg.Pool, build_id: int, offset: int, limit: int) -> dict[str, Any]:
     """`{build_id, offset, next_offset, data, complete}` as GET …/logs answers it."""
-    async with pool.acquire() as conn:
+    # One snapshot for both reads: read apart, the chunks could be read just before the
+    # tail and its eof are stored and the state just after, so an empty page would say
+    # `complete` while the log's tail is missing.
+    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         chunks = await conn.fetch(
             'SELECT "offset", data FROM job_log_chunks WHERE build_id = $1'
             ' AND "offset" + size > $2 AND "offset" < $2 + $3 ORDER BY "offset"',
