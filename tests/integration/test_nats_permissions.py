@@ -22,7 +22,7 @@ from services.common.config import EXAMPLE_MODULES_DIR, Settings
 from services.common.embedded import EmbeddedNats, free_port
 from services.common.subjects import Subjects
 from tests.stack import Stack
-from tests.support import eventually
+from tests.support import admin_token, auth_headers, eventually
 
 ORGS = ["acme", "globex"]
 
@@ -241,6 +241,7 @@ async def test_stack_runs_a_job_with_every_service_on_its_own_user(
         heartbeat_s=1.0,
         cancel_grace_s=2.0,
         state_secret=uuid.uuid4().hex,
+        token=await admin_token(database_url),
     )
     stack = Stack(settings, tmp_path / "logs")
     try:
@@ -259,7 +260,7 @@ async def test_stack_runs_a_job_with_every_service_on_its_own_user(
         events = await sub.subscribe(auth_nats.subjects.events_filter("acme"))
         await sub.flush()
         try:
-            async with httpx.AsyncClient(base_url=gateway) as http:
+            async with httpx.AsyncClient(base_url=gateway, headers=auth_headers(settings)) as http:
                 r = await http.post("/api/jobs", json=job)
                 assert r.status_code == 202, r.text
                 build_id = r.json()["build_id"]
