@@ -25,6 +25,7 @@ import httpx
 
 from services.common.config import EXAMPLE_MODULES_DIR, Settings, machine_arch
 from services.common.embedded import EmbeddedNats, EmbeddedPostgres, free_port
+from services.gateway import migrate, token_store
 from tests.stack import Stack
 
 ADMIN_URL_ENV = "XOOGIFY_BENCH_DATABASE_ADMIN_URL"
@@ -98,13 +99,18 @@ class BenchStack:
         return self.stack.ws_url
 
     @property
+    def headers(self) -> dict[str, str]:
+        """What every client of the benchmark sends: the run's admin token."""
+        return {"Authorization": f"Bearer {self.settings.token}"}
+
+    @property
     def gateway_pid(self) -> int:
         return self.stack.procs["gateway"].pid
 
     async def wait_runners(self, count: int, timeout: float = 30.0) -> None:
         """Until `count` runners are registered and idle (so no run pays their start)."""
         deadline = time.monotonic() + timeout
-        async with httpx.AsyncClient(base_url=self.url) as http:
+        async with httpx.AsyncClient(base_url=self.url, headers=self.headers) as http:
             while True:
                 items = (await http.get("/api/runners")).json()["items"]
                 if sum(1 for r in items if r["state"] == "idle") >= count:
@@ -121,6 +127,16 @@ def noop_modules(directory: Path) -> Path:
     actions = ("PLAN", "APPLY-AUTO", "DESTROY")
     (module / "module.toml").write_text("[script]\n" + "".join(f'{a} = "true"\n' for a in actions))
     return directory
+
+
+async def _admin_token(database_url: str) -> str:
+    conn = await asyncpg.connect(database_url)
+    try:
+        await migrate.apply(conn)
+        _, secret = await token_store.create(conn, "bench", "admin", [])
+    finally:
+        await conn.close()
+    return secret
 
 
 @contextlib.asynccontextmanager
@@ -144,6 +160,7 @@ async def running_stack(
         modules_dir=modules_dir or EXAMPLE_MODULES_DIR,
         state_secret=uuid.uuid4().hex,
         log_cap_bytes=log_cap_bytes,
+        token=await _admin_token(database_url),
     )
     bench = BenchStack(settings, Stack(settings, workdir / "logs"), workdir)
     try:

@@ -160,6 +160,12 @@ class TokenCache:
         return record
 
 
+def uses_state_credentials(path: str) -> bool:
+    """Terraform's own calls, which carry the per-job Basic credentials instead of a token.
+    Listing a workspace's versions is a person's call: it takes a token like the API."""
+    return path.startswith(STATE_BACKEND) and not path.endswith("/versions")
+
+
 def principal_of(conn: HTTPConnection) -> Principal:
     """The principal the middleware verified for this request or websocket."""
     principal: Principal = conn.scope["state"]["principal"]
@@ -192,7 +198,7 @@ class Authenticate:
         if (
             scope["type"] not in ("http", "websocket")
             or path.startswith(OPEN_PREFIXES)
-            or path.startswith(STATE_BACKEND)
+            or uses_state_credentials(path)
         ):
             await self.app(scope, receive, send)
             return
