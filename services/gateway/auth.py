@@ -206,7 +206,12 @@ class Authenticate:
         pool = scope["app"].state.ctx.pool
         secure = scope.get("scheme") in ("https", "wss")
 
-        if scope["type"] == "http" and _is_page(path) and LOGIN_PARAM in conn.query_params:
+        if (
+            scope["type"] == "http"
+            and scope["method"] in ("GET", "HEAD")
+            and _is_page(path)
+            and LOGIN_PARAM in conn.query_params
+        ):
             await self._login(conn, pool, secure, scope, receive, send)
             return
 
