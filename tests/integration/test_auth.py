@@ -168,10 +168,18 @@ async def test_a_revoked_token_is_refused_within_seconds(settings: Settings) -> 
 
 
 async def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    return await _run_cli(settings, {}, "token", *args)
+
+
+async def _run_cli(
+    settings: Settings, env: dict[str, str], *args: str
+) -> subprocess.CompletedProcess[str]:
+    full = {**settings_env(settings), "PATH": os.environ.get("PATH", "")}
+    full.pop("XOOGIFY_TOKEN", None)
     return await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "services.cli.main", "token", *args],
-        env={**settings_env(settings), "PATH": os.environ.get("PATH", "")},
+        [sys.executable, "-m", "services.cli.main", *args],
+        env={**full, **env},
         capture_output=True,
         text=True,
         timeout=60,
@@ -206,6 +214,13 @@ async def test_cli_tokens_and_no_token_in_the_gateway_log(stack: Stack) -> None:
         )
         assert refused.status_code == 403
         assert refused.json()["error"]["fields"] == {"organization": "not allowed for this token"}
+
+        # The client commands send the token: XOOGIFY_TOKEN here; none at all is a 401.
+        jobs = await _run_cli(settings, {"XOOGIFY_TOKEN": secret}, "jobs", "--json")
+        assert jobs.returncode == 0, jobs.stderr  # (no scheduler here: nothing stored yet)
+        nothing = stack.log_dir.parent / "no-token-here"
+        anonymous = await _run_cli(settings, {"XOOGIFY_DATA_DIR": str(nothing)}, "jobs")
+        assert anonymous.returncode == 2 and "401" in anonymous.stderr
 
         listed = await _cli(settings, "list")
         assert listed.returncode == 0 and "ci-acme" in listed.stdout

@@ -98,8 +98,14 @@ async def test_hello_and_broken_whole_life(stack: Stack) -> None:
 
 
 def _cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    # Without XOOGIFY_TOKEN the CLI takes the admin token `xoogify up` leaves in its data
+    # dir (<data-dir>/admin-token), as CONTRACT.md says: that path is what runs here.
     env = stack.env()
     env.pop("XOOGIFY_TOKEN", None)
+    data_dir = stack.log_dir.parent / "cli-data"
+    data_dir.mkdir(exist_ok=True)
+    (data_dir / "admin-token").write_text(f"{stack.settings.token}\n")
+    env["XOOGIFY_DATA_DIR"] = str(data_dir)
     return subprocess.run(
         [sys.executable, "-m", "services.cli.main", *args],
         env=env,
