@@ -135,23 +135,36 @@ def without_login_param(path: str, query_string: bytes) -> str:
 
 
 class TokenCache:
-    """Verified tokens for a couple of seconds, keyed by hash (no secret kept in memory)."""
+    """Verified tokens for a couple of seconds, keyed by hash (no secret kept in memory).
+    Concurrent misses for one token share a single query, so a burst of requests after
+    expiry costs one round trip, not one each."""
 
     def __init__(self, ttl: float = CACHE_TTL_S) -> None:
         self.ttl = ttl
         self._entries: dict[bytes, tuple[float, token_store.TokenRecord]] = {}
-        self._lock = asyncio.Lock()
+        self._pending: dict[bytes, asyncio.Task[token_store.TokenRecord | None]] = {}
 
     async def lookup(self, pool: asyncpg.Pool, secret: str) -> token_store.TokenRecord | None:
         key = token_store.token_hash(secret)
-        now = time.monotonic()
         hit = self._entries.get(key)
-        if hit is not None and hit[0] > now:
+        if hit is not None and hit[0] > time.monotonic():
             return hit[1]
+        task = self._pending.get(key)
+        if task is None:
+            task = asyncio.create_task(self._fetch(pool, secret, key))
+            self._pending[key] = task
+            task.add_done_callback(lambda _: self._pending.pop(key, None))
+        # Shielded: one caller going away must not cancel the others' lookup.
+        return await asyncio.shield(task)
+
+    async def _fetch(
+        self, pool: asyncpg.Pool, secret: str, key: bytes
+    ) -> token_store.TokenRecord | None:
         record = await token_store.find_active(pool, secret)
         if record is None:
             self._entries.pop(key, None)
             return None
+        now = time.monotonic()
         if len(self._entries) >= CACHE_MAX:
             self._entries = {k: v for k, v in self._entries.items() if v[0] > now}
             if len(self._entries) >= CACHE_MAX:

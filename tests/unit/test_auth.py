@@ -4,6 +4,9 @@ token rules, and which live events an organization's socket is offered."""
 
 from __future__ import annotations
 
+import asyncio
+from datetime import UTC, datetime
+
 import pytest
 
 from services.common import codec
@@ -12,6 +15,7 @@ from services.gateway import token_store
 from services.gateway.auth import (
     COOKIE,
     Principal,
+    TokenCache,
     bearer,
     cookie_header,
     csrf_ok,
@@ -163,3 +167,30 @@ def test_an_admin_socket_sees_everything() -> None:
     client.offer(_item(1, "globex"))
     assert len(client.take()) == 1
     assert Visibility(JobFilter(), None).wants(_item(2, "x"))
+
+
+async def test_token_cache_shares_lookups_and_forgets_revoked_tokens(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    record = token_store.TokenRecord(1, "alice", "org", ("acme",), datetime.now(UTC), None, None)
+    answers: list[token_store.TokenRecord | None] = [record]
+    calls: list[str] = []
+
+    async def find_active(pool: object, secret: str) -> token_store.TokenRecord | None:
+        calls.append(secret)
+        await asyncio.sleep(0)  # concurrent lookups overlap here
+        return answers[-1]
+
+    monkeypatch.setattr(token_store, "find_active", find_active)
+    cache = TokenCache(ttl=60)
+    found = await asyncio.gather(*(cache.lookup(None, "xo_a") for _ in range(5)))  # type: ignore[arg-type]
+    assert found == [record] * 5 and calls == ["xo_a"]
+    assert await cache.lookup(None, "xo_a") is record  # type: ignore[arg-type]
+    assert calls == ["xo_a"]  # cached
+
+    expiring = TokenCache(ttl=0)  # every lookup asks again: a revocation shows at once
+    assert await expiring.lookup(None, "xo_a") is record  # type: ignore[arg-type]
+    answers.append(None)
+    assert await expiring.lookup(None, "xo_a") is None  # type: ignore[arg-type]
+    assert await expiring.lookup(None, "xo_a") is None  # type: ignore[arg-type]
+    assert len(calls) == 4
