@@ -67,13 +67,15 @@ async def _read(client: Client, run: Run) -> None:
                 client.done.set()
 
 
-async def _connect(url: str, count: int) -> list[Client]:
+async def _connect(url: str, count: int, headers: dict[str, str]) -> list[Client]:
     clients: list[Client] = []
     gate = asyncio.Semaphore(CONNECT_AT_ONCE)
 
     async def one() -> None:
         async with gate:
-            ws = await connect(url, max_size=64 * 1024 * 1024, open_timeout=30)
+            ws = await connect(
+                url, max_size=64 * 1024 * 1024, open_timeout=30, additional_headers=headers
+            )
             hello = codec.loads(await ws.recv())
             assert hello["type"] == "hello", hello
             clients.append(Client(ws))
@@ -127,7 +129,7 @@ async def run(servers: Servers, size: int) -> Result:
     async with running_stack(servers) as bench:
         rss_idle = rss_mb(bench.gateway_pid)
         connect_start = time.perf_counter()
-        clients = await _connect(bench.ws_url, size)
+        clients = await _connect(bench.ws_url, size, bench.headers)
         connect_s = time.perf_counter() - connect_start
         rss_connected = rss_mb(bench.gateway_pid)
         readers = [asyncio.create_task(_read(c, run_state)) for c in clients]

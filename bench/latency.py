@@ -41,8 +41,8 @@ async def run(servers: Servers, size: int) -> Result:
         modules = noop_modules(Path(tmp))
         async with (
             running_stack(servers, scheduler=True, runners=RUNNERS, modules_dir=modules) as bench,
-            httpx.AsyncClient(base_url=bench.url, timeout=30) as http,
-            FinalWatcher(bench.ws_url) as watcher,
+            httpx.AsyncClient(base_url=bench.url, headers=bench.headers, timeout=30) as http,
+            FinalWatcher(bench.ws_url, bench.headers) as watcher,
         ):
             # Warm-up jobs (not counted): first-use costs (connections, imports, caches).
             for n in range(WARMUP):

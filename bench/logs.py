@@ -61,8 +61,10 @@ async def run(servers: Servers, size: int) -> Result:
             running_stack(
                 servers, scheduler=True, runners=1, modules_dir=modules, log_cap_bytes=cap
             ) as bench,
-            httpx.AsyncClient(base_url=bench.url, timeout=30) as http,
-            connect(bench.ws_url, max_size=64 * 1024 * 1024) as ws,
+            httpx.AsyncClient(base_url=bench.url, headers=bench.headers, timeout=30) as http,
+            connect(
+                bench.ws_url, max_size=64 * 1024 * 1024, additional_headers=bench.headers
+            ) as ws,
         ):
             assert codec.loads(await ws.recv())["type"] == "hello"
             body = {

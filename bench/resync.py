@@ -86,7 +86,7 @@ async def run(servers: Servers, size: int) -> Result:
     )
     async with running_stack(servers) as bench:
         load_rate = await fill(bench.settings.database_url, size)
-        async with httpx.AsyncClient(base_url=bench.url, timeout=60) as http:
+        async with httpx.AsyncClient(base_url=bench.url, headers=bench.headers, timeout=60) as http:
             first, first_answer = await timed(http, {}, count)
             flt = {"organization": FILTER_ORG, "status": FILTER_STATUS}
             filtered, filtered_answer = await timed(http, flt, count)

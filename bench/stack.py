@@ -26,6 +26,7 @@ import httpx
 from services.common.config import EXAMPLE_MODULES_DIR, Settings, machine_arch
 from services.common.crypto import generate_sealing_pair, generate_state_key
 from services.common.embedded import EmbeddedNats, EmbeddedPostgres, free_port
+from services.gateway import migrate, token_store
 from tests.stack import Stack
 
 ADMIN_URL_ENV = "XOOGIFY_BENCH_DATABASE_ADMIN_URL"
@@ -99,13 +100,18 @@ class BenchStack:
         return self.stack.ws_url
 
     @property
+    def headers(self) -> dict[str, str]:
+        """What every client of the benchmark sends: the run's admin token."""
+        return {"Authorization": f"Bearer {self.settings.token}"}
+
+    @property
     def gateway_pid(self) -> int:
         return self.stack.procs["gateway"].pid
 
     async def wait_runners(self, count: int, timeout: float = 30.0) -> None:
         """Until `count` runners are registered and idle (so no run pays their start)."""
         deadline = time.monotonic() + timeout
-        async with httpx.AsyncClient(base_url=self.url) as http:
+        async with httpx.AsyncClient(base_url=self.url, headers=self.headers) as http:
             while True:
                 items = (await http.get("/api/runners")).json()["items"]
                 if sum(1 for r in items if r["state"] == "idle") >= count:
@@ -122,6 +128,16 @@ def noop_modules(directory: Path) -> Path:
     actions = ("PLAN", "APPLY-AUTO", "DESTROY")
     (module / "module.toml").write_text("[script]\n" + "".join(f'{a} = "true"\n' for a in actions))
     return directory
+
+
+async def _admin_token(database_url: str) -> str:
+    conn = await asyncpg.connect(database_url)
+    try:
+        await migrate.apply(conn)
+        _, secret = await token_store.create(conn, "bench", "admin", [])
+    finally:
+        await conn.close()
+    return secret
 
 
 @contextlib.asynccontextmanager
@@ -149,6 +165,7 @@ async def running_stack(
         secrets_public_key=public_key,
         secrets_private_key=private_key,
         state_key=generate_state_key(),
+        token=await _admin_token(database_url),
     )
     bench = BenchStack(settings, Stack(settings, workdir / "logs"), workdir)
     try:

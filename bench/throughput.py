@@ -37,7 +37,9 @@ async def run(servers: Servers, size: int) -> Result:
         limits = httpx.Limits(max_connections=CONCURRENCY)
         async with (
             running_stack(servers, scheduler=True, runners=RUNNERS, modules_dir=modules) as bench,
-            httpx.AsyncClient(base_url=bench.url, timeout=60, limits=limits) as http,
+            httpx.AsyncClient(
+                base_url=bench.url, headers=bench.headers, timeout=60, limits=limits
+            ) as http,
         ):
             conn = await asyncpg.connect(bench.settings.database_url)
             queue: asyncio.Queue[int] = asyncio.Queue()

@@ -27,6 +27,7 @@ class Final:
 @dataclass
 class FinalWatcher:
     url: str
+    headers: dict[str, str] = field(default_factory=dict)
     finals: dict[int, Final] = field(default_factory=dict)
     _ws: ClientConnection | None = None
     _task: asyncio.Task[None] | None = None
@@ -34,7 +35,9 @@ class FinalWatcher:
     resyncs: int = 0
 
     async def __aenter__(self) -> FinalWatcher:
-        self._ws = await connect(self.url, max_size=64 * 1024 * 1024)
+        self._ws = await connect(
+            self.url, max_size=64 * 1024 * 1024, additional_headers=self.headers
+        )
         hello = codec.loads(await self._ws.recv())
         assert hello["type"] == "hello", hello
         self._task = asyncio.create_task(self._read())

@@ -25,6 +25,7 @@ from services.common.subjects import Subjects
 from tests import message_audit
 from tests.openapi_audit import Audit
 from tests.stack import Stack
+from tests.support import admin_token
 
 
 @pytest.fixture(autouse=True)
@@ -97,7 +98,9 @@ def nats_server(tmp_path: Path) -> Iterator[EmbeddedNats | None]:
 
 
 @pytest.fixture
-def settings(nats_server: EmbeddedNats | None, database_url: str, tmp_path: Path) -> Settings:
+async def settings(nats_server: EmbeddedNats | None, database_url: str, tmp_path: Path) -> Settings:
+    """The test's settings, with an admin token (`settings.token`) every client sends
+    through `tests.support.auth_headers`."""
     nats_url = nats_server.url if nats_server else os.environ["XOOGIFY_TEST_NATS_URL"]
     prefix = "xoogify" if nats_server else f"t{uuid.uuid4().hex[:10]}"
     private_key, public_key = generate_sealing_pair()
@@ -113,6 +116,7 @@ def settings(nats_server: EmbeddedNats | None, database_url: str, tmp_path: Path
         secrets_public_key=public_key,
         secrets_private_key=private_key,
         state_key=generate_state_key(),
+        token=await admin_token(database_url),
     )
 
 

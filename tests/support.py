@@ -8,10 +8,12 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import asyncpg
 from websockets.asyncio.client import ClientConnection, connect
 
 from services.common import codec
 from services.common.config import Settings
+from services.gateway import migrate, token_store
 
 T = TypeVar("T")
 
@@ -26,6 +28,28 @@ async def eventually(
             if value:
                 return value
             await asyncio.sleep(interval)
+
+
+async def admin_token(database_url: str, name: str = "test-admin") -> str:
+    """Migrate a test's database and make an admin token the gateway accepts."""
+    return await make_token(database_url, name, "admin")
+
+
+async def make_token(
+    database_url: str, name: str, kind: str, organizations: list[str] | None = None
+) -> str:
+    """A new API token of that kind, straight in the (migrated) database."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await migrate.apply(conn)
+        _, secret = await token_store.create(conn, name, kind, organizations or [])
+    finally:
+        await conn.close()
+    return secret
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
 
 
 def auth_headers(settings: Settings) -> dict[str, str]:

@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--status", default=None)
     watch.add_argument("--since", default=None, metavar="SEQ|10m")
     watch.add_argument("--allow-gap", action="store_true")
+
+    from services.cli import tokens
+
+    tokens.add_parser(sub)
     return parser
 
 
@@ -146,6 +150,10 @@ def _command(args: argparse.Namespace, settings: Settings) -> int:
         from services.cli.watch import run as run_watch
 
         return run_watch(args, settings)
+    if command == "token":
+        from services.cli import tokens
+
+        return tokens.run(args, settings)
     if command == "up":
         from services.cli.up import up
 

@@ -28,6 +28,7 @@ from services.common.config import Settings
 from services.common.crypto import generate_sealing_pair, generate_state_key
 from services.common.embedded import EmbeddedNats, EmbeddedPostgres
 from services.common.terraform_tools import build_provider_mirror
+from services.gateway import token_store
 
 # Runners drain their job for up to DRAIN_S, then cancel it; the rest stop at once.
 DRAIN_S = 10
@@ -256,6 +257,8 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             postgres = EmbeddedPostgres(data_dir / "postgres", log_file=logs_dir / "postgres.log")
             await asyncio.to_thread(postgres.start)
             database_url = postgres.url
+        # The admin token behind the login URL printed below (kept across restarts).
+        await token_store.ensure_admin_token_file(database_url, data_dir / "admin-token")
         url = f"http://{args.host}:{args.port}"
         env = dict(os.environ)
         env.setdefault("XOOGIFY_STATE_SECRET", _persistent_secret(data_dir / "state-secret"))

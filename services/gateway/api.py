@@ -21,14 +21,15 @@ from services.common.job_object import new_job
 from services.common.status import ACTIONS, Status
 from services.common.timefmt import now_iso
 from services.gateway import db, runners, sealing
+from services.gateway.auth import principal_of
 from services.gateway.context import context_of
 from services.gateway.errors import ApiError, json_body
+from services.gateway.job_lookup import get_job_soon
 
 MAX_BODY = 64 * 1024
 MAX_LIMIT = 500
 MAX_LOG_LIMIT = 8 * 1024 * 1024
 MAX_BUILD_ID = 2**63 - 1
-ANONYMOUS = "anonymous"
 
 
 def _int_param(request: Request, name: str, default: int | None, lo: int, hi: int) -> int | None:
@@ -59,11 +60,13 @@ def body_hash(body: dict[str, Any], keys: sealing.GatewayKeys) -> str:
 
 async def submit_job(request: Request) -> Response:
     ctx = context_of(request)
+    principal = principal_of(request)
     body = await json_body(request, MAX_BODY)
     try:
         schemas.check("submission", body)
     except schemas.SchemaError as exc:
         raise ApiError(422, "invalid submission", fields=exc.fields()) from None
+    principal.require_org(body["organization"])
     variables: dict[str, str] = body.get("variables") or {}
     sensitive: list[str] = body.get("sensitive") or []
     unknown = [name for name in sensitive if name not in variables]
@@ -87,7 +90,7 @@ async def submit_job(request: Request) -> Response:
         "variables": shown,
         "sensitive": sensitive,
         "timeout_s": body.get("timeout_s"),
-        "requested_by": ANONYMOUS,
+        "requested_by": principal.name,
         "submitted_at": now_iso(),
         "body_hash": body_hash(body, ctx.keys),
     }
@@ -101,6 +104,8 @@ async def submit_job(request: Request) -> Response:
             raise ApiError(
                 409, "Idempotency-Key was used with another body", "idempotency-conflict"
             )
+        # The key is per organization (in the message ID) and the organization is the
+        # caller's own, so the stored job is one it may see.
         current = await db.get_job(ctx.pool, build_id)
         if current is not None:
             current.pop("events", None)
@@ -125,13 +130,16 @@ async def list_jobs(request: Request) -> Response:
     limit = _int_param(request, "limit", 50, 1, MAX_LIMIT)
     before = _int_param(request, "before", None, 1, MAX_BUILD_ID)
     assert limit is not None
-    items, next_before, watermark = await db.list_jobs(context_of(request).pool, flt, limit, before)
+    scope = principal_of(request).scope
+    items, next_before, watermark = await db.list_jobs(
+        context_of(request).pool, flt, limit, before, scope
+    )
     return JSONResponse({"items": items, "next": next_before, "watermark": watermark})
 
 
 async def get_job(request: Request) -> Response:
     build_id = _build_id(request)
-    job = await db.get_job(context_of(request).pool, build_id)
+    job = await db.get_job(context_of(request).pool, build_id, principal_of(request).scope)
     if job is None:
         raise ApiError(404, f"no job {build_id}")
     return JSONResponse(job)
@@ -143,16 +151,24 @@ async def job_logs(request: Request) -> Response:
     limit = _int_param(request, "limit", 1024 * 1024, 1, MAX_LOG_LIMIT)
     assert offset is not None and limit is not None
     pool = context_of(request).pool
-    if await pool.fetchval("SELECT 1 FROM jobs WHERE build_id = $1", build_id) is None:
+    if not await db.job_visible(pool, build_id, principal_of(request).scope):
         raise ApiError(404, f"no job {build_id}")
     return JSONResponse(await db.read_log(pool, build_id, offset, limit))
 
 
 async def cancel_job(request: Request) -> Response:
     ctx = context_of(request)
+    principal = principal_of(request)
     build_id = _build_id(request)
-    stored = await db.get_job(ctx.pool, build_id)
-    request_body = {"build_id": build_id, "reason": "cancelled", "requested_by": ANONYMOUS}
+    if principal.is_admin:
+        stored = await db.get_job(ctx.pool, build_id)
+    else:
+        # A job of another organization is answered as missing. One just submitted and not
+        # stored yet has no known organization: wait for it to be stored.
+        stored = await get_job_soon(ctx, build_id, principal.scope)
+        if stored is None:
+            raise ApiError(404, f"no job {build_id}")
+    request_body = {"build_id": build_id, "reason": "cancelled", "requested_by": principal.name}
     try:
         reply = await ctx.nc.request(
             ctx.settings.subjects.control_cancel, codec.dumps(request_body), timeout=5.0
@@ -173,7 +189,8 @@ async def cancel_job(request: Request) -> Response:
 
 
 async def list_runners(request: Request) -> Response:
-    return JSONResponse({"items": await runners.list_runners(context_of(request))})
+    scope = principal_of(request).scope
+    return JSONResponse({"items": await runners.list_runners(context_of(request), scope)})
 
 
 routes = [

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import uvicorn
@@ -37,6 +38,7 @@ from services.gateway import (
     webhooks,
     ws,
 )
+from services.gateway.auth import Authenticate
 from services.gateway.context import GatewayContext
 from services.gateway.errors import error_response, handlers
 from services.gateway.hub import Hub
@@ -52,6 +54,7 @@ SHUTDOWN_DEADLINE_S = 10
 # that /healthz answers soon while NATS or Postgres are down.
 START_WAIT_S = 2.0
 _ALWAYS_OPEN = ("/healthz", "/readyz", "/metrics", "/static/")
+MAX_WS_MESSAGE = 64 * 1024
 
 
 async def _connect_nats(settings: Settings, gateway_id: str) -> Client:
@@ -194,23 +197,36 @@ def create_app(settings: Settings, gateway_id: str = "gw") -> Starlette:
         routes=routes,
         lifespan=lifespan,
         exception_handlers=handlers,
-        middleware=[Middleware(health.RequestMetrics), Middleware(WaitForStart)],
+        middleware=[
+            Middleware(health.RequestMetrics),
+            Middleware(WaitForStart),
+            # After start-up: it needs the Postgres pool to check tokens.
+            Middleware(Authenticate),
+        ],
     )
+
+
+def server_config(app: ASGIApp, host: str, port: int, **overrides: Any) -> uvicorn.Config:
+    """How the gateway is served: also used by the tests' in-process gateway, so the
+    websocket limits they check are the production ones."""
+    options: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "log_config": None,
+        # Access lines would carry query strings, and a login URL carries a token.
+        "access_log": False,
+        # A client message over 64 KiB closes the socket with 1009 (message too big).
+        "ws_max_size": MAX_WS_MESSAGE,
+        # Compression cost 40 % of the gateway's CPU in the fan-out benchmark (once per
+        # socket, for small JSON frames on loopback or a LAN): off.
+        "ws_per_message_deflate": False,
+        "timeout_graceful_shutdown": SHUTDOWN_DEADLINE_S,
+        "lifespan": "on",
+    }
+    options.update(overrides)
+    return uvicorn.Config(app, **options)
 
 
 async def serve(settings: Settings, host: str, port: int, gateway_id: str = "gw") -> None:
-    config = uvicorn.Config(
-        create_app(settings, gateway_id),
-        host=host,
-        port=port,
-        log_config=None,
-        access_log=False,  # access lines would carry query strings (tokens, later)
-        ws_max_size=64 * 1024,
-        # Compression cost 40 % of the gateway's CPU in the fan-out benchmark (once per
-        # socket, for small JSON frames on loopback or a LAN): off.
-        ws_per_message_deflate=False,
-        timeout_graceful_shutdown=SHUTDOWN_DEADLINE_S,
-        lifespan="on",
-    )
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(server_config(create_app(settings, gateway_id), host, port))
     await server.serve()

@@ -5,7 +5,7 @@ SQL stays SQL with parameters; the filters' meaning comes from services.common.f
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import asyncpg
@@ -53,6 +53,7 @@ _LIST_JOBS = (
         OR lower(organization || ' ' || environment || ' ' || module_type || ' '
                  || module_name || ' ' || action) LIKE '%' || $8 || '%' ESCAPE '\\')
    AND ($9::bigint IS NULL OR build_id < $9)
+   AND ($11::text[] IS NULL OR organization = ANY($11))
  ORDER BY build_id DESC
  LIMIT $10"""
 )
@@ -90,9 +91,12 @@ def _like_escape(text: str) -> str:
     return text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def list_params(flt: JobFilter, limit: int, before: int | None) -> tuple[Any, ...]:
+def list_params(
+    flt: JobFilter, limit: int, before: int | None, scope: Sequence[str] | None = None
+) -> tuple[Any, ...]:
     """The parameters of the list query for a filter: one more row than asked, so that
-    `next` is set only when there are more."""
+    `next` is set only when there are more. `scope` limits it to those organizations
+    (None: every one; see services.gateway.auth.Principal.scope)."""
     q = flt.q or None  # an empty q matches everything, as in JobFilter.matches
     return (
         flt.organization,
@@ -105,6 +109,7 @@ def list_params(flt: JobFilter, limit: int, before: int | None) -> tuple[Any, ..
         _like_escape(q) if q else None,
         before,
         limit + 1,
+        None if scope is None else list(scope),
     )
 
 
@@ -117,19 +122,30 @@ async def watermark(pool: asyncpg.Pool) -> int:
 
 
 async def list_jobs(
-    pool: asyncpg.Pool, flt: JobFilter, limit: int, before: int | None
+    pool: asyncpg.Pool,
+    flt: JobFilter,
+    limit: int,
+    before: int | None,
+    scope: Sequence[str] | None = None,
 ) -> tuple[list[dict[str, Any]], int | None, int]:
     """(items newest first, `next` for paging, watermark read before the items)."""
     mark = await watermark(pool)
-    rows = await pool.fetch(_LIST_JOBS, *list_params(flt, limit, before))
+    rows = await pool.fetch(_LIST_JOBS, *list_params(flt, limit, before, scope))
     items = [job_from_row(r) for r in rows[:limit]]
     next_before = items[-1]["build_id"] if len(rows) > limit else None
     return items, next_before, mark
 
 
-async def get_job(pool: asyncpg.Pool, build_id: int) -> dict[str, Any] | None:
-    """The job plus its `events` [{seq, status, at, reason, runner_id}…], or None."""
-    row = await pool.fetchrow(_SELECT_JOB + " WHERE build_id = $1", build_id)
+async def get_job(
+    pool: asyncpg.Pool, build_id: int, scope: Sequence[str] | None = None
+) -> dict[str, Any] | None:
+    """The job plus its `events` [{seq, status, at, reason, runner_id}…], or None (also
+    when it belongs to an organization outside `scope`: its existence is not revealed)."""
+    row = await pool.fetchrow(
+        _SELECT_JOB + " WHERE build_id = $1 AND ($2::text[] IS NULL OR organization = ANY($2))",
+        build_id,
+        None if scope is None else list(scope),
+    )
     if row is None:
         return None
     job = job_from_row(row)
@@ -151,6 +167,31 @@ async def get_job(pool: asyncpg.Pool, build_id: int) -> dict[str, Any] | None:
         for e in events
     ]
     return job
+
+
+async def job_visible(pool: asyncpg.Pool, build_id: int, scope: Sequence[str] | None) -> bool:
+    """Whether the job is stored and belongs to an organization in `scope`."""
+    found = await pool.fetchval(
+        "SELECT 1 FROM jobs WHERE build_id = $1 AND ($2::text[] IS NULL OR organization = ANY($2))",
+        build_id,
+        None if scope is None else list(scope),
+    )
+    return found is not None
+
+
+async def visible_build_ids(
+    pool: asyncpg.Pool, build_ids: Sequence[int], scope: Sequence[str] | None
+) -> set[int]:
+    """Those of `build_ids` that are stored jobs of an organization in `scope`."""
+    if not build_ids:
+        return set()
+    rows = await pool.fetch(
+        "SELECT build_id FROM jobs WHERE build_id = ANY($1)"
+        " AND ($2::text[] IS NULL OR organization = ANY($2))",
+        list(build_ids),
+        None if scope is None else list(scope),
+    )
+    return {r["build_id"] for r in rows}
 
 
 async def read_log(pool: asyncpg.Pool, build_id: int, offset: int, limit: int) -> dict[str, Any]:

@@ -172,8 +172,9 @@ class Hub:
                     fut.set_result(item.job["status"])
 
     # --- sockets -----------------------------------------------------------------------
-    def register(self) -> LiveClient:
-        client = LiveClient(queue_limit=self.queue_limit, buffer_limit=self.buffer_limit)
+    def register(self, orgs: frozenset[str] | None = None) -> LiveClient:
+        """A new socket's queue; `orgs` limits it to those organizations' jobs."""
+        client = LiveClient(queue_limit=self.queue_limit, buffer_limit=self.buffer_limit, orgs=orgs)
         self.clients.add(client)
         WS_CLIENTS.set(len(self.clients))
         return client

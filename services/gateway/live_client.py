@@ -46,16 +46,20 @@ def jobs_frame(items: Iterable[Item]) -> str:
 
 class Visibility:
     """Which events a socket is sent: those matching its filter, plus the update that takes
-    a job it was sent out of the filter (so the page can show the job's new state)."""
+    a job it was sent out of the filter (so the page can show the job's new state) — and
+    never one of an organization outside `orgs` (None: the caller may see every one)."""
 
-    def __init__(self, flt: JobFilter) -> None:
+    def __init__(self, flt: JobFilter, orgs: frozenset[str] | None = None) -> None:
         self.filter = flt
+        self.orgs = orgs
         self._everything = flt.is_empty()
         # Jobs this socket was sent that may still change; final ones cannot, so the set
         # stays as small as the number of live jobs.
         self.tracked: set[int] = set()
 
     def wants(self, item: Item) -> bool:
+        if self.orgs is not None and item.job["organization"] not in self.orgs:
+            return False
         if self._everything:
             return True
         if self.filter.matches(item.job):
@@ -132,6 +136,8 @@ class LiveClient:
 
     queue_limit: int = 1000
     buffer_limit: int = 20_000
+    # The organizations this socket's caller may see (None: every one); fixed for its life.
+    orgs: frozenset[str] | None = None
     visibility: Visibility = field(default_factory=lambda: Visibility(JobFilter()))
     queue: deque[Item] = field(default_factory=deque)
     sent: SentSeqs = field(default_factory=SentSeqs)
@@ -145,6 +151,10 @@ class LiveClient:
     resyncs: int = 0
     # Bumped by a new filter or an overflow, so a running replay knows it is obsolete.
     generation: int = 0
+
+    def __post_init__(self) -> None:
+        if self.orgs is not None:
+            self.visibility = Visibility(self.visibility.filter, self.orgs)
 
     def offer(self, item: Item) -> None:
         """A live event from the hub."""
@@ -193,7 +203,7 @@ class LiveClient:
             self.sent.discard(item.stream_seq)
         self.queue.clear()
         self.buffer.clear()
-        self.visibility = Visibility(flt)
+        self.visibility = Visibility(flt, self.orgs)
         self.replaying = False
         self.paused = False
         self.generation += 1

@@ -7,7 +7,6 @@ on; small ES-module scripts in `web/static/` keep each page live over `/ws`.
 
 from __future__ import annotations
 
-import asyncio
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,14 +22,14 @@ from services.common.config import WEB_DIR
 from services.common.filters import FILTER_KEYS, JobFilter
 from services.common.status import ACTIONS, Status, is_final
 from services.gateway import ansi, db, runners
-from services.gateway.context import GatewayContext, context_of
+from services.gateway.auth import principal_of
+from services.gateway.context import context_of
+from services.gateway.job_lookup import get_job_soon
 
 PAGE_SIZE = 50
 # The first paint shows this much of a stored log; the page fetches the rest over /ws.
 FIRST_LOG_BYTES = 256 * 1024
 RAW_PIECE = 1024 * 1024
-MAX_BUILD_ID = 2**63 - 1  # a Postgres bigint
-INGEST_WAIT_S = 5.0
 
 _env = jinja2.Environment(
     loader=jinja2.FileSystemLoader(str(WEB_DIR / "templates")),
@@ -58,37 +57,13 @@ def first_log_part(data: str) -> str:
     return data[: cut + 1] if cut != -1 else data
 
 
-async def get_job_soon(ctx: GatewayContext, build_id: int) -> dict[str, Any] | None:
-    """The job from Postgres; for a job already submitted but not yet stored (the page of a
-    job opened right after its submission), wait a little for ingestion to catch up."""
-    if build_id > MAX_BUILD_ID:
-        return None
-    job = await db.get_job(ctx.pool, build_id)
-    if job is not None:
-        return job
-    try:
-        info = await ctx.js.stream_info(ctx.settings.subjects.submit_stream)
-    except Exception:
-        return None
-    # Build IDs are the submit stream's sequences: a higher one was never submitted.
-    if build_id > info.state.last_seq:
-        return None
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + INGEST_WAIT_S
-    while loop.time() < deadline:
-        await asyncio.sleep(0.1)
-        job = await db.get_job(ctx.pool, build_id)
-        if job is not None:
-            return job
-    return None
-
-
 async def jobs_page(request: Request) -> Response:
     ctx = context_of(request)
     values = _filter_values(request)
     flt = JobFilter.from_mapping(values)
     before = _int_param(request, "before")
-    items, next_before, watermark = await db.list_jobs(ctx.pool, flt, PAGE_SIZE, before)
+    scope = principal_of(request).scope
+    items, next_before, watermark = await db.list_jobs(ctx.pool, flt, PAGE_SIZE, before, scope)
     return templates.TemplateResponse(
         request,
         "jobs.html",
@@ -108,7 +83,7 @@ async def jobs_page(request: Request) -> Response:
 async def job_page(request: Request) -> Response:
     ctx = context_of(request)
     build_id = int(request.path_params["build_id"])
-    job = await get_job_soon(ctx, build_id)
+    job = await get_job_soon(ctx, build_id, principal_of(request).scope)
     if job is None:
         return templates.TemplateResponse(
             request, "404.html", {"what": f"job {build_id}"}, status_code=404
@@ -139,7 +114,7 @@ async def job_page(request: Request) -> Response:
 async def raw_log(request: Request) -> Response:
     ctx = context_of(request)
     build_id = int(request.path_params["build_id"])
-    if await get_job_soon(ctx, build_id) is None:
+    if await get_job_soon(ctx, build_id, principal_of(request).scope) is None:
         return templates.TemplateResponse(
             request, "404.html", {"what": f"job {build_id}"}, status_code=404
         )
@@ -172,7 +147,7 @@ def group_runners(items: list[dict[str, Any]]) -> list[tuple[str, list[dict[str,
 
 
 async def runners_page(request: Request) -> Response:
-    items = await runners.list_runners(context_of(request))
+    items = await runners.list_runners(context_of(request), principal_of(request).scope)
     return templates.TemplateResponse(request, "runners.html", {"groups": group_runners(items)})
 
 

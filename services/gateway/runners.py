@@ -5,6 +5,7 @@ as `lost` for an hour."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -12,6 +13,7 @@ from nats.js.errors import NoKeysError, NotFoundError
 
 from services.common import codec, schemas
 from services.common.timefmt import format_time, parse_time
+from services.gateway import db
 from services.gateway.context import GatewayContext
 
 KEEP_LOST = timedelta(hours=1)
@@ -33,7 +35,11 @@ async def _live(ctx: GatewayContext) -> dict[str, dict[str, Any]]:
     return live
 
 
-async def list_runners(ctx: GatewayContext) -> list[dict[str, Any]]:
+async def list_runners(
+    ctx: GatewayContext, scope: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
+    """Every runner; `current_build_id` only when the job's organization is in `scope`
+    (None: every one), so a runner's work does not reveal another organization's job."""
     live = await _live(ctx)
     if live:
         await ctx.pool.executemany(
@@ -67,4 +73,10 @@ async def list_runners(ctx: GatewayContext) -> list[dict[str, Any]]:
                 "last_seen": format_time(row["last_seen"]),
             }
         )
+    if scope is not None:
+        current = [i["current_build_id"] for i in items if i["current_build_id"] is not None]
+        visible = await db.visible_build_ids(ctx.pool, current, scope)
+        for item in items:
+            if item["current_build_id"] not in visible:
+                item["current_build_id"] = None
     return items

@@ -23,8 +23,9 @@ from services.common.crypto import SecretsError
 from services.common.status import MUTATING_ACTIONS, is_final
 from services.common.timefmt import format_time
 from services.gateway import state_at_rest
+from services.gateway.auth import principal_of
 from services.gateway.context import GatewayContext, context_of
-from services.gateway.errors import error_response
+from services.gateway.errors import ApiError, error_response
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +237,9 @@ async def dispatch(request: Request) -> Response:
 
 
 async def versions(request: Request) -> Response:
+    if not principal_of(request).may_see(request.path_params["organization"]):
+        # Another organization's workspace is answered as missing, like its jobs.
+        raise ApiError(404, "no such workspace")
     rows = await context_of(request).pool.fetch(
         "SELECT version, build_id, created_at, size FROM terraform_states"
         " WHERE organization = $1 AND environment = $2 AND module_name = $3"

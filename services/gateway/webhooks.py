@@ -18,6 +18,7 @@ from starlette.routing import Route
 
 from services.common import schemas
 from services.common.timefmt import format_time
+from services.gateway.auth import principal_of
 from services.gateway.context import context_of
 from services.gateway.errors import ApiError, json_body
 
@@ -77,6 +78,7 @@ def _webhook_id(request: Request) -> int:
 
 async def create_webhook(request: Request) -> Response:
     body = validate_create(await json_body(request, MAX_BODY))
+    principal_of(request).require_org(body["organization"])
     row = await _pool(request).fetchrow(
         "INSERT INTO webhooks (organization, url, statuses, secret) VALUES ($1, $2, $3, $4)"
         f" RETURNING {_WEBHOOK_FIELDS}",
@@ -94,8 +96,10 @@ async def list_webhooks(request: Request) -> Response:
         raise ApiError(422, "invalid organization", fields={"organization": "not a valid name"})
     rows = await _pool(request).fetch(
         f"SELECT {_WEBHOOK_FIELDS} FROM webhooks"
-        " WHERE ($1::text IS NULL OR organization = $1) ORDER BY id",
+        " WHERE ($1::text IS NULL OR organization = $1)"
+        " AND ($2::text[] IS NULL OR organization = ANY($2)) ORDER BY id",
         organization,
+        principal_of(request).scope,
     )
     return JSONResponse({"items": [webhook_from_row(r) for r in rows]})
 
@@ -103,7 +107,10 @@ async def list_webhooks(request: Request) -> Response:
 async def delete_webhook(request: Request) -> Response:
     webhook_id = _webhook_id(request)
     deleted = await _pool(request).fetchval(
-        "DELETE FROM webhooks WHERE id = $1 RETURNING id", webhook_id
+        "DELETE FROM webhooks WHERE id = $1"
+        " AND ($2::text[] IS NULL OR organization = ANY($2)) RETURNING id",
+        webhook_id,
+        principal_of(request).scope,
     )
     if deleted is None:
         raise ApiError(404, f"no webhook {webhook_id}")
@@ -116,7 +123,12 @@ async def list_deliveries(request: Request) -> Response:
     if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIMIT:
         raise ApiError(422, "limit out of range", fields={"limit": f"must be 1..{MAX_LIMIT}"})
     pool = _pool(request)
-    if await pool.fetchval("SELECT 1 FROM webhooks WHERE id = $1", webhook_id) is None:
+    visible = await pool.fetchval(
+        "SELECT 1 FROM webhooks WHERE id = $1 AND ($2::text[] IS NULL OR organization = ANY($2))",
+        webhook_id,
+        principal_of(request).scope,
+    )
+    if visible is None:
         raise ApiError(404, f"no webhook {webhook_id}")
     rows = await pool.fetch(
         f"SELECT {_DELIVERY_FIELDS} FROM webhook_deliveries WHERE webhook_id = $1"

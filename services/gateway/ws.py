@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -20,9 +22,11 @@ from services.common import codec
 from services.common.filters import JobFilter
 from services.common.metrics import REJECTED
 from services.common.schemas import SchemaError
+from services.gateway.auth import Principal, principal_of
 from services.gateway.context import GatewayContext, context_of
 from services.gateway.event_replay import first_seq, replay_start, stored_events
 from services.gateway.hub import WS_RESYNCS, Hub
+from services.gateway.job_lookup import get_job_soon
 from services.gateway.live_client import LiveClient, ReplayWindow, jobs_frame, make_item
 from services.gateway.log_follow import LogFollower
 from services.gateway.ws_messages import (
@@ -36,8 +40,36 @@ from services.gateway.ws_messages import (
 log = logging.getLogger(__name__)
 
 CLOSE_TRY_AGAIN_LATER = 1013
+CLOSE_POLICY_VIOLATION = 1008
 MAX_FOLLOWS = 32
 CLOSE_WAIT_S = 10.0
+# A client may send at most this many messages a second (a burst of as many is fine);
+# more is a misbehaving or hostile client, closed with 1008. Messages over 64 KiB are
+# refused by the server itself with 1009 (app.server_config's ws_max_size).
+MAX_MESSAGES_PER_S = 50.0
+
+
+class RateLimit:
+    """A token bucket: `rate` messages a second, bursts up to `rate`."""
+
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self.clock = clock
+        self.tokens = rate
+        self.at = clock()
+
+    def allow(self) -> bool:
+        now = self.clock()
+        self.tokens = min(self.rate, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
+class TooManyMessages(Exception):
+    """The client sent more than MAX_MESSAGES_PER_S."""
 
 
 class Stalled(Exception):
@@ -68,12 +100,17 @@ class Connection:
 
 
 class Session:
-    def __init__(self, ctx: GatewayContext, hub: Hub, websocket: WebSocket) -> None:
+    def __init__(
+        self, ctx: GatewayContext, hub: Hub, websocket: WebSocket, principal: Principal
+    ) -> None:
         self.ctx = ctx
         self.hub = hub
         self.websocket = websocket
+        self.principal = principal
         self.conn = Connection(websocket, hub.stall_timeout)
-        self.client: LiveClient = hub.register()
+        scope = principal.scope
+        self.client: LiveClient = hub.register(None if scope is None else frozenset(scope))
+        self.rate = RateLimit(MAX_MESSAGES_PER_S)
         self.replay: asyncio.Task[None] | None = None
         self.follows: dict[int, asyncio.Task[None]] = {}
 
@@ -83,8 +120,10 @@ class Session:
         reader = asyncio.create_task(self._read(), name="ws-reader")
         sender = asyncio.create_task(self._send_jobs(), name="ws-sender")
         stalled = asyncio.create_task(self.conn.stalled.wait(), name="ws-stalled")
+        flooded = False
         try:
             await asyncio.wait({reader, sender, stalled}, return_when=asyncio.FIRST_COMPLETED)
+            flooded = reader.done() and isinstance(reader.exception(), TooManyMessages)
         finally:
             tasks = [reader, sender, stalled, *self.follows.values()]
             if self.replay is not None:
@@ -94,6 +133,15 @@ class Session:
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+        if flooded:
+            log.info("closing a websocket that sent too many messages")
+            self.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(
+                    self.websocket.close(CLOSE_POLICY_VIOLATION, "too many messages"),
+                    CLOSE_WAIT_S,
+                )
+            return
         if self.conn.stalled.is_set():
             log.info("closing a websocket that stopped reading")
             # Off the hub at once; the close frame waits behind the unread backlog, so give
@@ -133,6 +181,8 @@ class Session:
                 return
             if message["type"] == "websocket.disconnect":
                 return
+            if not self.rate.allow():
+                raise TooManyMessages()
             raw = message.get("text")
             if raw is None:
                 raw = message.get("bytes") or b""
@@ -205,6 +255,11 @@ class Session:
                 client.overflow("replay failed; take a snapshot and resync")
 
     async def _follow(self, build_id: int, offset: int) -> None:
+        scope = self.principal.scope
+        if scope is not None and await get_job_soon(self.ctx, build_id, scope) is None:
+            # Another organization's job is answered as missing, as the API does.
+            await self._error(f"no job {build_id}")
+            return
         old = self.follows.pop(build_id, None)
         if old is not None:
             old.cancel()
@@ -238,7 +293,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     if hub is None:
         await websocket.close(CLOSE_TRY_AGAIN_LATER, "gateway is starting")
         return
-    session = Session(ctx, hub, websocket)
+    session = Session(ctx, hub, websocket, principal_of(websocket))
     try:
         await session.run()
     except (WebSocketDisconnect, Stalled):

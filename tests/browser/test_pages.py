@@ -8,6 +8,7 @@ import dataclasses
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from playwright.async_api import Browser, Page, expect
@@ -51,8 +52,20 @@ async def web_stack(settings: Settings, tmp_path: Path) -> AsyncIterator[Stack]:
         await stack.stop_all()
 
 
+async def _logged_in(browser: Browser, stack: Stack, **options: Any) -> Page:
+    """A page of a fresh browser context, logged in through the login URL: the gateway
+    sets its cookie and redirects to the same page without the token."""
+    context = await browser.new_context(**options)
+    page = await context.new_page()
+    await page.goto(f"{stack.url}/?token={stack.settings.token}")
+    assert page.url == stack.url + "/"
+    cookies = await context.cookies()
+    assert [c["httpOnly"] for c in cookies if c["name"] == "xoogify_session"] == [True]
+    return page
+
+
 async def _submit(stack: Stack, module: str, org: str = "acme", **kw: object) -> int:
-    async with XoogifyClient(stack.url) as xo:
+    async with XoogifyClient(stack.url, stack.settings.token) as xo:
         job = await xo.submit(
             organization=org,
             environment="stg",
@@ -65,7 +78,7 @@ async def _submit(stack: Stack, module: str, org: str = "acme", **kw: object) ->
 
 
 async def _final(stack: Stack, build_id: int) -> dict:
-    async with XoogifyClient(stack.url) as xo:
+    async with XoogifyClient(stack.url, stack.settings.token) as xo:
         return await xo.wait_final(build_id, timeout=60)
 
 
@@ -98,8 +111,7 @@ async def test_rows_first_load_and_live_walk(
     await _final(web_stack, first)
 
     # Rendered on the server: the row is there with scripts off.
-    static = await browser.new_context(java_script_enabled=False)
-    page = await static.new_page()
+    page = await _logged_in(browser, web_stack, java_script_enabled=False)
     await page.goto(web_stack.url + "/")
     await expect(_row(page, first)).to_contain_text("SUCCESS")
     headers = await page.locator("table#jobs thead th").all_inner_texts()
@@ -112,9 +124,9 @@ async def test_rows_first_load_and_live_walk(
         "Action",
         "Status",
     ]
-    await static.close()
+    await page.context.close()
 
-    page = await browser.new_page(viewport={"width": 1280, "height": 800})
+    page = await _logged_in(browser, web_stack, viewport={"width": 1280, "height": 800})
     await page.goto(web_stack.url + "/")
     await expect(page.locator("#conn")).to_have_text("live", timeout=TIMEOUT_MS)
     await _watch_statuses(page)
@@ -132,7 +144,7 @@ async def test_rows_first_load_and_live_walk(
 
 
 async def test_refresh_and_gateway_restart(web_stack: Stack, browser: Browser) -> None:
-    page = await browser.new_page()
+    page = await _logged_in(browser, web_stack)
     await page.goto(web_stack.url + "/")
     await expect(page.locator("#conn")).to_have_text("live", timeout=TIMEOUT_MS)
 
@@ -151,7 +163,7 @@ async def test_refresh_and_gateway_restart(web_stack: Stack, browser: Browser) -
     await web_stack.start_gateway()
     await expect(page.locator("#conn")).to_have_text("live", timeout=TIMEOUT_MS)
     await expect(_row(page, running).locator(".badge")).to_have_text("SUCCESS", timeout=60_000)
-    async with XoogifyClient(web_stack.url) as xo:
+    async with XoogifyClient(web_stack.url, web_stack.settings.token) as xo:
         page_data = await xo.list_jobs(limit=50)
     for job in page_data["items"]:
         await expect(_row(page, job["build_id"]).locator(".badge")).to_have_text(job["status"])
@@ -161,7 +173,7 @@ async def test_refresh_and_gateway_restart(web_stack: Stack, browser: Browser) -
 async def test_filter_by_organization_hides_others_live(web_stack: Stack, browser: Browser) -> None:
     other_before = await _submit(web_stack, "hello", org="globex")
     await _final(web_stack, other_before)
-    page = await browser.new_page()
+    page = await _logged_in(browser, web_stack)
     await page.goto(web_stack.url + "/?organization=acme")
     await expect(page.locator("#conn")).to_have_text("live", timeout=TIMEOUT_MS)
     await expect(_row(page, other_before)).to_have_count(0)
@@ -177,7 +189,7 @@ async def test_filter_by_organization_hides_others_live(web_stack: Stack, browse
 async def test_job_page_tails_colours_and_cancels(
     web_stack: Stack, browser: Browser, artifacts: Path
 ) -> None:
-    page = await browser.new_page()
+    page = await _logged_in(browser, web_stack)
     await page.goto(web_stack.url + "/")
     await expect(page.locator("#conn")).to_have_text("live", timeout=TIMEOUT_MS)
     build_id = await _submit(web_stack, "colors")
@@ -215,7 +227,7 @@ async def test_hostile_text_is_shown_literally(
 ) -> None:
     build_id = await _submit(web_stack, "hostile", variables={"note": HOSTILE})
     await _final(web_stack, build_id)
-    page = await browser.new_page()
+    page = await _logged_in(browser, web_stack)
     await page.goto(f"{web_stack.url}/jobs/{build_id}")
     await expect(page.locator("#log")).to_contain_text("<script>window.__pwned = 1</script>")
     await expect(page.locator("#log")).to_contain_text(f"var: {HOSTILE}")
@@ -231,3 +243,13 @@ async def test_hostile_text_is_shown_literally(
         return await page.evaluate("window.__pwned") is None
 
     assert await eventually(escaped, timeout=2)
+
+
+async def test_without_login_the_pages_ask_for_one(web_stack: Stack, browser: Browser) -> None:
+    page = await browser.new_page()
+    response = await page.goto(web_stack.url + "/")
+    assert response is not None and response.status == 401
+    await expect(page.locator("body")).to_contain_text("login URL")
+    # A wrong login link sets no cookie.
+    await page.goto(web_stack.url + "/?token=xo_wrong")
+    assert await page.context.cookies() == []

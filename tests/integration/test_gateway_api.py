@@ -16,7 +16,7 @@ from services.common.config import Settings
 from services.common.filters import JobFilter
 from services.common.timefmt import format_time
 from tests.integration.ws_support import job_event, publisher, serve_gateway
-from tests.support import eventually
+from tests.support import auth_headers, eventually
 
 SUBMISSION = {
     "organization": "acme",
@@ -39,12 +39,12 @@ def assert_error(r: httpx.Response, status: int) -> dict[str, Any]:
 
 async def test_submit_publishes_and_answers_202(settings: Settings) -> None:
     async with publisher(settings) as pub, serve_gateway(settings) as gw:
-        async with httpx.AsyncClient(base_url=gw.url) as client:
+        async with httpx.AsyncClient(base_url=gw.url, headers=auth_headers(settings)) as client:
             r = await client.post("/api/jobs", json=SUBMISSION)
         assert r.status_code == 202, r.text
         job = r.json()
         assert job["status"] == "IN-PROGRESS" and job["seq"] == 1
-        assert job["requested_by"] == "anonymous"
+        assert job["requested_by"] == "test-admin"  # the token's name
         assert job["updated_at"] == job["submitted_at"]
         assert job["started_at"] is None and job["runner_id"] is None
         stored = await pub.js.get_msg(settings.subjects.submit_stream, job["build_id"])
@@ -60,7 +60,7 @@ async def test_submit_publishes_and_answers_202(settings: Settings) -> None:
 
 async def test_bad_submissions_name_the_field(settings: Settings) -> None:
     async with publisher(settings) as pub, serve_gateway(settings) as gw:
-        async with httpx.AsyncClient(base_url=gw.url) as client:
+        async with httpx.AsyncClient(base_url=gw.url, headers=auth_headers(settings)) as client:
             bad_action = assert_error(
                 await client.post("/api/jobs", json=SUBMISSION | {"action": "APPLY"}), 422
             )
@@ -80,7 +80,10 @@ async def test_bad_submissions_name_the_field(settings: Settings) -> None:
 
 
 async def test_idempotency_key_same_body_same_job_other_body_409(settings: Settings) -> None:
-    async with serve_gateway(settings) as gw, httpx.AsyncClient(base_url=gw.url) as client:
+    async with (
+        serve_gateway(settings) as gw,
+        httpx.AsyncClient(base_url=gw.url, headers=auth_headers(settings)) as client,
+    ):
         headers = {"Idempotency-Key": "k-1"}
         first = await client.post("/api/jobs", json=SUBMISSION, headers=headers)
         again = await client.post("/api/jobs", json=SUBMISSION, headers=headers)
@@ -116,7 +119,7 @@ async def test_list_filters_and_paging_agree_with_job_filter(settings: Settings)
                 job_event(build_id, 3, status, org=org, env=env, action=action, module_name=module)
             )
         last = await pub.last_seq()
-        async with httpx.AsyncClient(base_url=gw.url) as client:
+        async with httpx.AsyncClient(base_url=gw.url, headers=auth_headers(settings)) as client:
 
             async def caught_up() -> dict[str, Any] | None:
                 body = (await client.get("/api/jobs", params={"limit": 500})).json()
@@ -166,7 +169,10 @@ async def test_list_filters_and_paging_agree_with_job_filter(settings: Settings)
 
 
 async def test_errors_are_json_for_api_paths(settings: Settings) -> None:
-    async with serve_gateway(settings) as gw, httpx.AsyncClient(base_url=gw.url) as client:
+    async with (
+        serve_gateway(settings) as gw,
+        httpx.AsyncClient(base_url=gw.url, headers=auth_headers(settings)) as client,
+    ):
         assert_error(await client.get("/api/jobs/12345"), 404)
         assert_error(await client.get("/api/jobs/abc"), 404)
         assert_error(await client.get("/api/jobs/99999999999999999999999"), 404)
@@ -185,7 +191,7 @@ async def test_cancel_asks_the_scheduler(settings: Settings) -> None:
     async with publisher(settings) as pub, serve_gateway(settings) as gw:
         await pub.event(job_event(1, 1))
         await pub.event(job_event(2, 3, "SUCCESS"))
-        async with httpx.AsyncClient(base_url=gw.url) as client:
+        async with httpx.AsyncClient(base_url=gw.url, headers=auth_headers(settings)) as client:
 
             async def stored() -> bool:
                 return (await client.get("/api/jobs/2")).status_code == 200
@@ -252,7 +258,7 @@ async def test_runners_live_and_lost(settings: Settings) -> None:
                 )
         finally:
             await conn.close()
-        async with httpx.AsyncClient(base_url=gw.url) as client:
+        async with httpx.AsyncClient(base_url=gw.url, headers=auth_headers(settings)) as client:
             items = (await client.get("/api/runners")).json()["items"]
     by_id = {r["runner_id"]: r for r in items}
     assert set(by_id) == {"r-busy", "r-gone"}  # an hour lost and it is forgotten

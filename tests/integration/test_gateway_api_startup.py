@@ -16,7 +16,7 @@ import uvicorn
 from services.common.config import Settings
 from services.common.embedded import EmbeddedNats, free_port
 from services.gateway.app import create_app
-from tests.support import eventually
+from tests.support import auth_headers, eventually
 
 
 @contextlib.asynccontextmanager
@@ -36,7 +36,9 @@ async def listening(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
             return server.started
 
         await eventually(started, timeout=15, interval=0.02)
-        async with httpx.AsyncClient(base_url=settings.gateway_url) as client:
+        async with httpx.AsyncClient(
+            base_url=settings.gateway_url, headers=auth_headers(settings)
+        ) as client:
             yield client
     finally:
         server.should_exit = True

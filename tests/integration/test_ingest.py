@@ -14,7 +14,7 @@ from services.common.config import Settings
 from services.gateway.context import GatewayContext
 from services.gateway.ingest import Decoded, Ingestor
 from tests.integration.ws_support import job_event, publisher, serve_gateway
-from tests.support import eventually
+from tests.support import auth_headers, eventually
 
 
 async def fetchval(settings: Settings, sql: str, *args: Any) -> Any:
@@ -41,7 +41,7 @@ async def test_events_are_stored_once_and_never_move_a_job_back(settings: Settin
         subject = settings.subjects.event("acme", "stg", 1)
         await pub.js.publish(subject, codec.dumps(job_event(1, 2, "WORKING")))
         last = await pub.last_seq()
-        async with httpx.AsyncClient(base_url=gw.url) as client:
+        async with httpx.AsyncClient(base_url=gw.url, headers=auth_headers(settings)) as client:
 
             async def caught_up() -> dict[str, Any] | None:
                 body = (await client.get("/api/jobs")).json()
@@ -69,7 +69,7 @@ async def test_log_chunks_are_stored_and_read_back_by_offset(settings: Settings)
         await pub.chunk(4, 0, "héllo\n")
         await pub.chunk(4, 0, "héllo\n")  # a redelivered chunk
         await pub.chunk(4, len("héllo\n".encode()), "wörld 😀\n")
-        async with httpx.AsyncClient(base_url=gw.url) as client:
+        async with httpx.AsyncClient(base_url=gw.url, headers=auth_headers(settings)) as client:
 
             async def stored() -> dict[str, Any] | None:
                 r = await client.get("/api/jobs/4/logs")  # 404 until the job is stored

@@ -23,7 +23,7 @@ from services.common.crypto import generate_sealing_pair, generate_state_key
 from services.common.embedded import EmbeddedNats, free_port
 from services.common.subjects import Subjects
 from tests.stack import Stack
-from tests.support import eventually
+from tests.support import admin_token, auth_headers, eventually
 
 ORGS = ["acme", "globex"]
 
@@ -246,6 +246,7 @@ async def test_stack_runs_a_job_with_every_service_on_its_own_user(
         secrets_public_key=public_key,
         secrets_private_key=private_key,
         state_key=generate_state_key(),
+        token=await admin_token(database_url),
     )
     stack = Stack(settings, tmp_path / "logs")
     try:
@@ -267,7 +268,7 @@ async def test_stack_runs_a_job_with_every_service_on_its_own_user(
         events = await sub.subscribe(auth_nats.subjects.events_filter("acme"))
         await sub.flush()
         try:
-            async with httpx.AsyncClient(base_url=gateway) as http:
+            async with httpx.AsyncClient(base_url=gateway, headers=auth_headers(settings)) as http:
                 r = await http.post("/api/jobs", json=job)
                 assert r.status_code == 202, r.text
                 build_id = r.json()["build_id"]

@@ -12,7 +12,7 @@ import jsonschema_rs
 
 from services.common.config import Settings
 from tests.stack import Stack
-from tests.support import eventually
+from tests.support import auth_headers, eventually
 
 SUBMISSION = {
     "organization": "acme",
@@ -62,7 +62,9 @@ class Checker:
 async def test_real_answers_match_the_openapi_document(settings: Settings, stack: Stack) -> None:
     await stack.start_gateway()
     await stack.start_scheduler()
-    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as http:
+    async with httpx.AsyncClient(
+        base_url=stack.url, headers=auth_headers(stack.settings), timeout=10
+    ) as http:
         served = await http.get("/api/openapi.json")
         assert served.status_code == 200
         c = Checker(served.json())

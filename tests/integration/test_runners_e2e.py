@@ -22,7 +22,7 @@ from services.client import ApiError, XoogifyClient
 from services.common.config import Settings
 from services.common.timefmt import parse_time
 from tests.stack import Stack
-from tests.support import WsRecorder, eventually
+from tests.support import WsRecorder, auth_headers, eventually
 
 FINAL = {"SUCCESS", "FAILURE"}
 
@@ -126,7 +126,10 @@ async def test_workspace_queue_one_apply_at_a_time_plans_beside(stack: Stack) ->
     await stack.start_runner("runner-1")
     await stack.start_runner("runner-2")
     slow = {"seconds": "3"}
-    async with WsRecorder(stack.ws_url) as ws, XoogifyClient(stack.url) as xo:
+    async with (
+        WsRecorder(stack.ws_url, headers=auth_headers(stack.settings)) as ws,
+        XoogifyClient(stack.url, stack.settings.token) as xo,
+    ):
         first = await submit(xo, "slow", variables=slow)
         await ws.wait_job_status(first, {"WORKING"})
         second = await submit(xo, "slow", variables=slow)
@@ -172,7 +175,7 @@ async def test_workspace_queue_one_apply_at_a_time_plans_beside(stack: Stack) ->
         "WORKING",
         "SUCCESS",
     ]
-    async with XoogifyClient(stack.url) as xo:
+    async with XoogifyClient(stack.url, stack.settings.token) as xo:
         jobs = [await stored_final(xo, b) for b in (first, second, third)]
     for ahead_job, behind_job in itertools.pairwise(jobs):
         assert behind_job["started_at"] >= ahead_job["finished_at"]
@@ -187,7 +190,7 @@ async def test_arm64_jobs_go_only_to_the_arm64_runner(stack: Stack) -> None:
     await stack.start_scheduler()
     await stack.start_runner("runner-amd", arch="amd64", kinds="script,terraform")
     await stack.start_runner("runner-arm", arch="arm64", kinds="script")
-    async with XoogifyClient(stack.url) as xo:
+    async with XoogifyClient(stack.url, stack.settings.token) as xo:
         await runner_entry(xo, "runner-arm", arch="arm64", state="idle")
         arm = [await submit(xo, "hello", module_type="arm64/script", env=f"a{i}") for i in range(3)]
         amd = [await submit(xo, "hello", module_type="amd64/script", env=f"b{i}") for i in range(2)]
@@ -203,7 +206,10 @@ async def test_no_runner_of_that_arch_fails_after_the_queue_timeout(
     stack = Stack(dataclasses.replace(settings, queue_timeout_s=3), tmp_path / "logs")
     try:
         await stack.start_all()  # one amd64 runner only
-        async with WsRecorder(stack.ws_url) as ws, XoogifyClient(stack.url) as xo:
+        async with (
+            WsRecorder(stack.ws_url, headers=auth_headers(stack.settings)) as ws,
+            XoogifyClient(stack.url, stack.settings.token) as xo,
+        ):
             build_id = await submit(xo, "hello", module_type="arm64/script")
             # It waits, IN-PROGRESS, meanwhile.
             await stored_job(xo, build_id, status="IN-PROGRESS")
@@ -225,7 +231,7 @@ def epoch_s(stamp: str) -> float:
 async def test_cli_and_api_agree_on_queue_positions(stack: Stack) -> None:
     """`xoogify jobs --json` shows the queue position the API shows."""
     await stack.start_all()
-    async with XoogifyClient(stack.url) as xo:
+    async with XoogifyClient(stack.url, stack.settings.token) as xo:
         first = await submit(xo, "slow", variables={"seconds": "30"})
         await stored_job(xo, first, status="WORKING")
         second = await submit(xo, "slow", variables={"seconds": "1"})
@@ -246,7 +252,10 @@ async def test_a_busy_runner_is_not_no_runner_and_a_late_runner_is_in_time(
     stack = Stack(dataclasses.replace(settings, queue_timeout_s=4), tmp_path / "logs")
     try:
         await stack.start_all()  # runner-1, amd64
-        async with WsRecorder(stack.ws_url) as ws, XoogifyClient(stack.url) as xo:
+        async with (
+            WsRecorder(stack.ws_url, headers=auth_headers(stack.settings)) as ws,
+            XoogifyClient(stack.url, stack.settings.token) as xo,
+        ):
             busy = await submit(xo, "slow", env="one", variables={"seconds": "6"})
             await ws.wait_job_status(busy, {"WORKING"})
             waiting = await submit(xo, "hello", env="two")

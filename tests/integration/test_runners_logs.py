@@ -17,7 +17,7 @@ from services.common.config import EXAMPLE_MODULES_DIR, Settings
 from services.runner.logtext import truncation_line
 from tests.integration.test_runners_e2e import FINAL, stored_final, submit
 from tests.stack import Stack
-from tests.support import WsRecorder, eventually
+from tests.support import WsRecorder, auth_headers, eventually
 
 SECRET = "hunter2-s3cr3t-value"
 LOG_CAP = 10_000
@@ -92,7 +92,10 @@ async def test_sensitive_value_never_shown(log_stack: Stack) -> None:
     stack = log_stack
     try:
         await stack.start_all()
-        async with WsRecorder(stack.ws_url) as ws, XoogifyClient(stack.url) as xo:
+        async with (
+            WsRecorder(stack.ws_url, headers=auth_headers(stack.settings)) as ws,
+            XoogifyClient(stack.url, stack.settings.token) as xo,
+        ):
             build_id = await submit(
                 xo,
                 "leak",
@@ -153,7 +156,10 @@ async def test_log_cap_truncates_and_the_job_succeeds(log_stack: Stack) -> None:
     stack = log_stack
     try:
         await stack.start_all()
-        async with WsRecorder(stack.ws_url) as ws, XoogifyClient(stack.url) as xo:
+        async with (
+            WsRecorder(stack.ws_url, headers=auth_headers(stack.settings)) as ws,
+            XoogifyClient(stack.url, stack.settings.token) as xo,
+        ):
             build_id = await submit(xo, "chatty")
             final = await ws.wait_job_status(build_id, FINAL)
             assert final["status"] == "SUCCESS" and final["exit_code"] == 0

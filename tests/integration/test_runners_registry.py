@@ -10,7 +10,7 @@ from services.common.timefmt import parse_time
 from services.runner.registry import VERSION
 from tests.integration.test_runners_e2e import FINAL, runner_entry, submit
 from tests.stack import Stack
-from tests.support import WsRecorder
+from tests.support import WsRecorder, auth_headers
 
 
 async def test_runners_listed_idle_busy_and_lost(stack: Stack) -> None:
@@ -23,7 +23,10 @@ async def test_runners_listed_idle_busy_and_lost(stack: Stack) -> None:
         + ["--runner-id", "runner-x86"],
     )
     await stack.start_runner("runner-arm", arch="aarch64", kinds="script")
-    async with WsRecorder(stack.ws_url) as ws, XoogifyClient(stack.url) as xo:
+    async with (
+        WsRecorder(stack.ws_url, headers=auth_headers(stack.settings)) as ws,
+        XoogifyClient(stack.url, stack.settings.token) as xo,
+    ):
         x86 = await runner_entry(xo, "runner-x86", state="idle")
         arm = await runner_entry(xo, "runner-arm", state="idle")
         assert (x86["arch"], x86["kinds"], x86["labels"]) == (

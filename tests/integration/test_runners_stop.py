@@ -24,7 +24,7 @@ from tests.integration.test_runners_e2e import (
     unique,
 )
 from tests.stack import Stack
-from tests.support import WsRecorder, eventually
+from tests.support import WsRecorder, auth_headers, eventually
 
 
 async def no_processes(marker: str) -> None:
@@ -51,7 +51,10 @@ async def some_processes(marker: str) -> list[int]:
 async def test_cancel_queued_running_and_final(stack: Stack) -> None:
     await stack.start_all()
     org = unique("org")
-    async with WsRecorder(stack.ws_url) as ws, XoogifyClient(stack.url) as xo:
+    async with (
+        WsRecorder(stack.ws_url, headers=auth_headers(stack.settings)) as ws,
+        XoogifyClient(stack.url, stack.settings.token) as xo,
+    ):
         running = await submit(xo, "slow", org=org, variables={"seconds": "600"})
         await ws.wait_job_status(running, {"WORKING"})
         await some_processes(org)
@@ -88,7 +91,7 @@ async def test_cancel_queued_running_and_final(stack: Stack) -> None:
 
 async def test_cli_cancel_of_a_job_without_runner(stack: Stack) -> None:
     await stack.start_all()  # amd64 only; the queue timeout is long
-    async with XoogifyClient(stack.url) as xo:
+    async with XoogifyClient(stack.url, stack.settings.token) as xo:
         build_id = await submit(xo, "hello", module_type="arm64/script")
         await stored_job(xo, build_id, status="IN-PROGRESS")
         started = time.monotonic()
@@ -108,7 +111,10 @@ async def test_cli_cancel_of_a_job_without_runner(stack: Stack) -> None:
 async def test_timeout_ends_failure_timeout(stack: Stack) -> None:
     await stack.start_all()
     org = unique("org")
-    async with WsRecorder(stack.ws_url) as ws, XoogifyClient(stack.url) as xo:
+    async with (
+        WsRecorder(stack.ws_url, headers=auth_headers(stack.settings)) as ws,
+        XoogifyClient(stack.url, stack.settings.token) as xo,
+    ):
         build_id = await submit(xo, "slow", org=org, variables={"seconds": "600"}, timeout_s=2)
         await some_processes(org)
         final = await ws.wait_job_status(build_id, FINAL, timeout=30)
@@ -125,7 +131,10 @@ async def test_timeout_ends_failure_timeout(stack: Stack) -> None:
 async def test_sigkilled_runner_job_is_runner_lost_and_its_queue_moves_on(stack: Stack) -> None:
     await stack.start_all()
     org = unique("org")
-    async with WsRecorder(stack.ws_url) as ws, XoogifyClient(stack.url) as xo:
+    async with (
+        WsRecorder(stack.ws_url, headers=auth_headers(stack.settings)) as ws,
+        XoogifyClient(stack.url, stack.settings.token) as xo,
+    ):
         build_id = await submit(xo, "slow", org=org, variables={"seconds": "600"})
         await ws.wait_job_status(build_id, {"WORKING"})
         await some_processes(org)
@@ -168,7 +177,10 @@ async def test_sigterm_drain_finishes_the_job_and_takes_no_more(stack: Stack) ->
     await stack.start_gateway()
     await stack.start_scheduler()
     await stack.start_runner("runner-1", XOOGIFY_DRAIN_TIMEOUT_S="30")
-    async with WsRecorder(stack.ws_url) as ws, XoogifyClient(stack.url) as xo:
+    async with (
+        WsRecorder(stack.ws_url, headers=auth_headers(stack.settings)) as ws,
+        XoogifyClient(stack.url, stack.settings.token) as xo,
+    ):
         build_id = await submit(xo, "slow", variables={"seconds": "3"})
         await ws.wait_job_status(build_id, {"WORKING"})
         proc = stack.procs["runner-1"]
@@ -196,7 +208,10 @@ async def test_sigterm_drain_deadline_cancels_the_job(stack: Stack) -> None:
     await stack.start_scheduler()
     await stack.start_runner("runner-1", XOOGIFY_DRAIN_TIMEOUT_S="1")
     org = unique("org")
-    async with WsRecorder(stack.ws_url) as ws, XoogifyClient(stack.url) as xo:
+    async with (
+        WsRecorder(stack.ws_url, headers=auth_headers(stack.settings)) as ws,
+        XoogifyClient(stack.url, stack.settings.token) as xo,
+    ):
         build_id = await submit(xo, "slow", org=org, variables={"seconds": "60"})
         await ws.wait_job_status(build_id, {"WORKING"})
         await some_processes(org)
@@ -215,7 +230,7 @@ async def test_drain_of_an_idle_runner_is_quick(stack: Stack) -> None:
     live (its key deleted, so it shows `lost`, not `idle`)."""
     await stack.start_gateway()
     await stack.start_runner("runner-1")
-    async with XoogifyClient(stack.url) as xo:
+    async with XoogifyClient(stack.url, stack.settings.token) as xo:
         await runner_entry(xo, "runner-1", state="idle")
         started = time.monotonic()
         assert await stack.stop("runner-1") == 0
@@ -227,7 +242,10 @@ async def test_cancel_of_the_waiting_head_moves_the_queue_on(stack: Stack) -> No
     """The head of a workspace queue that waits for a runner is cancelled: the one behind
     it becomes the head (position null) and is the one a runner gets when it comes."""
     await stack.start_all()  # no arm64 runner yet
-    async with WsRecorder(stack.ws_url) as ws, XoogifyClient(stack.url) as xo:
+    async with (
+        WsRecorder(stack.ws_url, headers=auth_headers(stack.settings)) as ws,
+        XoogifyClient(stack.url, stack.settings.token) as xo,
+    ):
         head = await submit(xo, "hello", module_type="arm64/script")
         behind = await submit(xo, "hello", module_type="arm64/script")
         await stored_job(xo, behind, queue_position=1)
@@ -253,7 +271,10 @@ async def test_runner_back_from_a_long_pause_drops_the_job_it_lost(stack: Stack)
     await stack.start_all()
     org = unique("org")
     runner = stack.procs["runner-1"]
-    async with WsRecorder(stack.ws_url) as ws, XoogifyClient(stack.url) as xo:
+    async with (
+        WsRecorder(stack.ws_url, headers=auth_headers(stack.settings)) as ws,
+        XoogifyClient(stack.url, stack.settings.token) as xo,
+    ):
         build_id = await submit(xo, "slow", org=org, variables={"seconds": "600"})
         await ws.wait_job_status(build_id, {"WORKING"})
         await some_processes(org)
@@ -320,7 +341,10 @@ async def test_timeout_counts_from_the_start_not_the_submission(stack: Stack) ->
     """A job with timeout_s 2 that waits 3 s in its workspace queue, then runs for 1 s,
     succeeds: the time it waited is not counted."""
     await stack.start_all()
-    async with WsRecorder(stack.ws_url) as ws, XoogifyClient(stack.url) as xo:
+    async with (
+        WsRecorder(stack.ws_url, headers=auth_headers(stack.settings)) as ws,
+        XoogifyClient(stack.url, stack.settings.token) as xo,
+    ):
         ahead = await submit(xo, "slow", variables={"seconds": "3"})
         await ws.wait_job_status(ahead, {"WORKING"})
         behind = await submit(xo, "slow", variables={"seconds": "1"}, timeout_s=2)
@@ -337,7 +361,10 @@ async def test_runner_restarted_under_the_same_id_loses_its_old_job(stack: Stack
     forever, and the new process takes new work."""
     await stack.start_all()
     org = unique("org")
-    async with WsRecorder(stack.ws_url) as ws, XoogifyClient(stack.url) as xo:
+    async with (
+        WsRecorder(stack.ws_url, headers=auth_headers(stack.settings)) as ws,
+        XoogifyClient(stack.url, stack.settings.token) as xo,
+    ):
         build_id = await submit(xo, "slow", org=org, variables={"seconds": "600"})
         await ws.wait_job_status(build_id, {"WORKING"})
         await some_processes(org)

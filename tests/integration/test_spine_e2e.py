@@ -15,7 +15,7 @@ import nats
 from services.client import XoogifyClient
 from services.common import codec
 from tests.stack import Stack
-from tests.support import WsRecorder, eventually
+from tests.support import WsRecorder, auth_headers, eventually
 
 FINAL = {"SUCCESS", "FAILURE"}
 
@@ -34,7 +34,10 @@ async def _submit(xo: XoogifyClient, module: str, org: str = "acme", env: str = 
 
 async def test_hello_and_broken_whole_life(stack: Stack) -> None:
     await stack.start_all()
-    async with WsRecorder(stack.ws_url) as ws, XoogifyClient(stack.url) as xo:
+    async with (
+        WsRecorder(stack.ws_url, headers=auth_headers(stack.settings)) as ws,
+        XoogifyClient(stack.url, stack.settings.token) as xo,
+    ):
         hello_id = await _submit(xo, "hello")
         broken_id = await _submit(xo, "broken")
         await ws.wait_job_status(hello_id, FINAL)
@@ -95,8 +98,14 @@ async def test_hello_and_broken_whole_life(stack: Stack) -> None:
 
 
 def _cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    # Without XOOGIFY_TOKEN the CLI takes the admin token `xoogify up` leaves in its data
+    # dir (<data-dir>/admin-token), as CONTRACT.md says: that path is what runs here.
     env = stack.env()
     env.pop("XOOGIFY_TOKEN", None)
+    data_dir = stack.log_dir.parent / "cli-data"
+    data_dir.mkdir(exist_ok=True)
+    (data_dir / "admin-token").write_text(f"{stack.settings.token}\n")
+    env["XOOGIFY_DATA_DIR"] = str(data_dir)
     return subprocess.run(
         [sys.executable, "-m", "services.cli.main", *args],
         env=env,
@@ -135,7 +144,10 @@ async def test_cli_submit_follow_exit_codes(stack: Stack) -> None:
 
 async def test_unknown_module_ends_invalid_module(stack: Stack) -> None:
     await stack.start_all()
-    async with WsRecorder(stack.ws_url) as ws, XoogifyClient(stack.url) as xo:
+    async with (
+        WsRecorder(stack.ws_url, headers=auth_headers(stack.settings)) as ws,
+        XoogifyClient(stack.url, stack.settings.token) as xo,
+    ):
         build_id = await _submit(xo, "no-such-module")
         final = await ws.wait_job_status(build_id, FINAL)
         assert (final["status"], final["reason"]) == ("FAILURE", "invalid-module")
@@ -145,7 +157,7 @@ async def test_gateway_sigkill_loses_no_event(stack: Stack) -> None:
     """Kill the gateway while jobs run; on restart every event of the meantime is stored
     exactly once."""
     await stack.start_all(runners=2)
-    async with XoogifyClient(stack.url) as xo:
+    async with XoogifyClient(stack.url, stack.settings.token) as xo:
         ids = [await _submit(xo, "hello", env=f"e{i}") for i in range(6)]
     stack.kill("gateway")
     # The jobs go on without the gateway; wait for their final events on the stream itself.
@@ -209,7 +221,7 @@ def test_cli_usage_error_exit_code() -> None:
 
 async def test_client_watch_from_a_sequence_then_live(stack: Stack) -> None:
     await stack.start_all()
-    async with XoogifyClient(stack.url) as xo:
+    async with XoogifyClient(stack.url, stack.settings.token) as xo:
         first = await _submit(xo, "hello", org="globex")
         await xo.wait_final(first, timeout=60)
         second = await _submit(xo, "hello")

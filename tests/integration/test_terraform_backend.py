@@ -13,6 +13,7 @@ import pytest
 
 from services.common import codec, state_auth
 from tests.stack import Stack
+from tests.support import auth_headers
 
 ORG, ENV, MODULE = "acme", "stg", "network"
 
@@ -75,7 +76,9 @@ class Backend:
 async def backend(stack: Stack) -> AsyncIterator[Backend]:
     await stack.start_gateway()
     db = await asyncpg.connect(stack.settings.database_url)
-    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as http:
+    async with httpx.AsyncClient(
+        base_url=stack.url, headers=auth_headers(stack.settings), timeout=10
+    ) as http:
         try:
             yield Backend(stack, db, http)
         finally:

@@ -25,7 +25,7 @@ from services.common.crypto import StateCipher
 from services.common.terraform_tools import build_provider_mirror
 from services.gateway import state_at_rest
 from tests.stack import Stack
-from tests.support import eventually
+from tests.support import auth_headers, eventually
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 FINAL = {"SUCCESS", "FAILURE"}
@@ -105,7 +105,7 @@ async def test_apply_plan_destroy_on_two_runners(tf_stack: Stack, terraform: str
     await stack.start_gateway()
     await stack.start_scheduler()
     await stack.start_runner("runner-a", XOOGIFY_TERRAFORM_BIN=terraform)
-    async with XoogifyClient(stack.url) as xo:
+    async with XoogifyClient(stack.url, stack.settings.token) as xo:
         apply_id = await run_job(xo, "APPLY-AUTO", name="core", cidr="10.7.0.0/16")
         applied = await finished(xo, apply_id)
         apply_log = await full_log(xo, apply_id)
@@ -133,7 +133,7 @@ async def test_apply_plan_destroy_on_two_runners(tf_stack: Stack, terraform: str
         assert f"[id={network_id[1]}]" in destroy_log
         assert "destroying network core" in destroy_log
 
-    async with httpx.AsyncClient(base_url=stack.url) as http:
+    async with httpx.AsyncClient(base_url=stack.url, headers=auth_headers(stack.settings)) as http:
         versions = (await http.get("/api/state/acme/stg/network/versions")).json()["items"]
     builds = [v["build_id"] for v in versions]
     assert apply_id in builds and destroy_id in builds
@@ -187,7 +187,7 @@ async def test_a_cancelled_apply_releases_its_lock_and_keeps_its_state(
     await stack.start_gateway()
     await stack.start_scheduler()
     await stack.start_runner("runner-a")
-    async with XoogifyClient(stack.url) as xo:
+    async with XoogifyClient(stack.url, stack.settings.token) as xo:
         job = await xo.submit(
             organization="acme",
             environment="stg",

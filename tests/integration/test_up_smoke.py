@@ -83,7 +83,8 @@ async def test_up_runs_a_job_and_stops_clean(data_dir: Path) -> None:
                 return False
 
         await eventually(ready, timeout=60, interval=0.1)
-        async with XoogifyClient(url) as xo:
+        token = (data_dir / "state" / "admin-token").read_text().strip()
+        async with XoogifyClient(url, token) as xo:
             job = await xo.submit(
                 organization="acme",
                 environment="stg",
@@ -100,6 +101,7 @@ async def test_up_runs_a_job_and_stops_clean(data_dir: Path) -> None:
         out, _ = await asyncio.to_thread(proc.communicate, timeout=60)
     assert proc.returncode == 0, out
     assert f"ready at {url}" in out
+    assert f"open {url}/?token={token}" in out
 
     async def all_gone() -> bool:
         return not any(_alive(pid) for pid in family)

@@ -18,7 +18,7 @@ from services.common.config import Settings
 from services.common.embedded import EmbeddedNats
 from tests.integration.ws_support import job_event, publisher, serve_gateway
 from tests.stack import settings_env
-from tests.support import WsRecorder, eventually
+from tests.support import WsRecorder, auth_headers, eventually
 
 
 class Watch:
@@ -156,7 +156,7 @@ async def test_watch_and_ws_report_the_same_gap(settings: Settings) -> None:
             await pub.event(job_event(b, 1))
         await pub.js.purge_stream(settings.subjects.events_stream)
         kept = await pub.event(job_event(9, 1))
-        async with WsRecorder(gw.ws_url) as ws:
+        async with WsRecorder(gw.ws_url, headers=auth_headers(settings)) as ws:
             await ws.send({"type": "filter", "organization": "acme", "since": 1})
             ws_gap = await ws.wait_for(lambda m: m.get("type") == "gap")
         async with watch(settings, "--org", "acme", "--since", "1") as w:

@@ -19,7 +19,7 @@ from services.common import codec
 from services.common.config import Settings
 from tests.integration.ws_support import job_event, publisher
 from tests.stack import Stack
-from tests.support import eventually
+from tests.support import auth_headers, eventually
 
 SECRET = "receiver-secret-1"
 FAST = {"XOOGIFY_WEBHOOK_BACKOFF_S": "0.1", "XOOGIFY_WEBHOOK_POLL_S": "0.05"}
@@ -117,7 +117,7 @@ async def test_webhook_api_and_signed_deliveries(settings: Settings, stack: Stac
     async with (
         receiver() as recv,
         publisher(settings) as pub,
-        httpx.AsyncClient(base_url=stack.url) as http,
+        httpx.AsyncClient(base_url=stack.url, headers=auth_headers(stack.settings)) as http,
     ):
         acme = await create(
             http, organization="acme", url=recv.url("/acme"), statuses=["SUCCESS", "FAILURE"]
@@ -166,7 +166,7 @@ async def test_webhook_api_and_signed_deliveries(settings: Settings, stack: Stac
 
 async def test_bad_webhooks_get_422_naming_the_field(stack: Stack) -> None:
     await stack.start_gateway()
-    async with httpx.AsyncClient(base_url=stack.url) as http:
+    async with httpx.AsyncClient(base_url=stack.url, headers=auth_headers(stack.settings)) as http:
         cases = [
             ({"organization": "acme", "url": "ftp://x/y", "statuses": ["SUCCESS"]}, "url"),
             ({"organization": "acme", "url": "http://x/", "statuses": ["NOPE"]}, "statuses.0"),
@@ -201,7 +201,7 @@ async def test_a_receiver_that_fails_first_gets_every_delivery_once_it_recovers(
     async with (
         receiver(fail_first=5) as recv,
         publisher(settings) as pub,
-        httpx.AsyncClient(base_url=stack.url) as http,
+        httpx.AsyncClient(base_url=stack.url, headers=auth_headers(stack.settings)) as http,
     ):
         hook = await create(
             http, organization="acme", url=recv.url("/h"), statuses=["IN-PROGRESS", "SUCCESS"]
@@ -227,7 +227,7 @@ async def test_a_gateway_killed_between_attempts_still_delivers(
     async with (
         receiver(fail_first=1) as recv,
         publisher(settings) as pub,
-        httpx.AsyncClient(base_url=stack.url) as http,
+        httpx.AsyncClient(base_url=stack.url, headers=auth_headers(stack.settings)) as http,
     ):
         hook = await create(http, organization="acme", url=recv.url("/h"), statuses=["SUCCESS"])
         await pub.life(1)
@@ -255,7 +255,7 @@ async def test_a_delivery_is_given_up_after_the_retry_period(
     async with (
         receiver(fail_first=10**6) as recv,
         publisher(settings) as pub,
-        httpx.AsyncClient(base_url=stack.url) as http,
+        httpx.AsyncClient(base_url=stack.url, headers=auth_headers(stack.settings)) as http,
     ):
         hook = await create(http, organization="acme", url=recv.url("/h"), statuses=["SUCCESS"])
         await pub.life(1)

@@ -9,7 +9,7 @@ from collections import Counter
 from services.common.config import Settings
 from services.common.embedded import EmbeddedNats
 from tests.integration.ws_support import RawWs, job_event, publisher, serve_gateway
-from tests.support import WsRecorder, eventually
+from tests.support import WsRecorder, auth_headers, eventually
 
 
 def stream_seqs(ws: WsRecorder) -> list[int]:
@@ -19,7 +19,7 @@ def stream_seqs(ws: WsRecorder) -> list[int]:
 async def test_client_gets_hello_then_every_transition_in_order(settings: Settings) -> None:
     async with publisher(settings) as pub, serve_gateway(settings) as gw:
         before = await pub.life(1)
-        async with WsRecorder(gw.ws_url) as ws:
+        async with WsRecorder(gw.ws_url, headers=auth_headers(settings)) as ws:
             assert ws.messages[0] == {"type": "hello", "watermark": before[-1]}
             first = await pub.life(2)
             second = await pub.life(3, org="other")
@@ -38,7 +38,7 @@ async def test_client_gets_hello_then_every_transition_in_order(settings: Settin
 
 async def test_filter_by_organization_excludes_others(settings: Settings) -> None:
     async with publisher(settings) as pub, serve_gateway(settings) as gw:
-        async with WsRecorder(gw.ws_url) as ws:
+        async with WsRecorder(gw.ws_url, headers=auth_headers(settings)) as ws:
             await ws.send({"type": "filter", "organization": "acme"})
             # The filter is in force once an error frame for a later bad message comes back.
             await ws.send({"type": "nonsense"})
@@ -59,7 +59,7 @@ async def test_filter_by_organization_excludes_others(settings: Settings) -> Non
 
 async def test_filter_sends_the_update_that_takes_a_job_out(settings: Settings) -> None:
     async with publisher(settings) as pub, serve_gateway(settings) as gw:
-        async with WsRecorder(gw.ws_url) as ws:
+        async with WsRecorder(gw.ws_url, headers=auth_headers(settings)) as ws:
             await ws.send({"type": "filter", "status": "IN-PROGRESS", "since": 0})
             await pub.life(1)
             # Events are dispatched in stream order: once job 2 arrives, job 1's SUCCESS
@@ -92,7 +92,7 @@ async def test_since_while_publishing_gets_every_event_once(settings: Settings) 
                 await asyncio.sleep(0)
             return out
 
-        async with WsRecorder(gw.ws_url) as ws:
+        async with WsRecorder(gw.ws_url, headers=auth_headers(settings)) as ws:
             task = asyncio.create_task(publish_more())
             await ws.send({"type": "filter", "since": since})
             published = await task
@@ -114,7 +114,7 @@ async def test_since_older_than_the_stream_gives_gap_then_replay(settings: Setti
             await pub.event(job_event(build_id, 1))
         await pub.js.purge_stream(settings.subjects.events_stream)
         kept = [await pub.event(job_event(build_id, 1)) for build_id in range(6, 9)]
-        async with WsRecorder(gw.ws_url) as ws:
+        async with WsRecorder(gw.ws_url, headers=auth_headers(settings)) as ws:
             await ws.send({"type": "filter", "since": 2})
             gap = await ws.wait_for(lambda m: m.get("type") == "gap")
             await ws.wait_for(
@@ -133,7 +133,7 @@ async def test_malformed_messages_get_error_frames_and_the_socket_lives(
     settings: Settings,
 ) -> None:
     async with publisher(settings) as pub, serve_gateway(settings) as gw:
-        async with WsRecorder(gw.ws_url) as ws:
+        async with WsRecorder(gw.ws_url, headers=auth_headers(settings)) as ws:
             for bad in ("{", '{"type":"filter","organization":"a.>"}', "[1]"):
                 assert ws._ws is not None
                 await ws._ws.send(bad)
@@ -153,11 +153,11 @@ async def test_a_slow_client_gets_resync_without_blocking_a_fast_one(settings: S
     padding = {f"v{n}": "x" * 4000 for n in range(64)}
     async with publisher(settings) as pub, serve_gateway(settings) as gw:
         gw.hub.queue_limit = 4
-        slow = await RawWs.connect(gw.ws_url)
+        slow = await RawWs.connect(gw.ws_url, headers=auth_headers(settings))
         try:
             hello = await slow.recv()
             assert hello is not None and hello["type"] == "hello"
-            async with WsRecorder(gw.ws_url) as fast:
+            async with WsRecorder(gw.ws_url, headers=auth_headers(settings)) as fast:
                 # `slow` is not read from here on; `fast` is.
                 seqs = [await pub.event(job_event(n, 1, variables=padding)) for n in range(1, 81)]
                 await fast.wait_for(
@@ -186,7 +186,7 @@ async def test_a_client_that_stops_reading_is_closed_with_1013(settings: Setting
     padding = {f"v{n}": "x" * 4000 for n in range(64)}
     async with publisher(settings) as pub, serve_gateway(settings) as gw:
         gw.hub.stall_timeout = 0.5
-        stuck = await RawWs.connect(gw.ws_url)
+        stuck = await RawWs.connect(gw.ws_url, headers=auth_headers(settings))
         try:
             for n in range(1, 81):
                 await pub.event(job_event(n, 1, variables=padding))
@@ -207,7 +207,7 @@ async def test_hub_carries_on_after_a_nats_restart(
 ) -> None:
     assert nats_server is not None, "needs its own nats-server to restart"
     async with publisher(settings) as pub, serve_gateway(settings) as gw:
-        async with WsRecorder(gw.ws_url) as ws:
+        async with WsRecorder(gw.ws_url, headers=auth_headers(settings)) as ws:
             before = await pub.life(1)
             await ws.wait_for(
                 lambda m: (
@@ -238,7 +238,7 @@ async def test_hub_carries_on_after_a_nats_restart(
 async def test_watchdog_restarts_a_dead_consumer_from_last_seq(settings: Settings) -> None:
     async with publisher(settings) as pub, serve_gateway(settings) as gw:
         gw.hub.watchdog_interval = 0.2
-        async with WsRecorder(gw.ws_url) as ws:
+        async with WsRecorder(gw.ws_url, headers=auth_headers(settings)) as ws:
             before = await pub.life(1)
             await ws.wait_for(
                 lambda m: (
@@ -262,7 +262,7 @@ async def test_watchdog_restarts_a_dead_consumer_from_last_seq(settings: Setting
 
 async def test_a_bad_event_is_skipped_and_counted(settings: Settings) -> None:
     async with publisher(settings) as pub, serve_gateway(settings) as gw:
-        async with WsRecorder(gw.ws_url) as ws:
+        async with WsRecorder(gw.ws_url, headers=auth_headers(settings)) as ws:
             await pub.js.publish(settings.subjects.event("acme", "stg", 1), b'{"build_id": 1}')
             await pub.js.publish(settings.subjects.event("acme", "stg", 2), b"not json")
             good = await pub.life(3)

@@ -10,7 +10,7 @@ import httpx
 
 from services.common.config import Settings
 from tests.integration.ws_support import Publisher, job_event, publisher, serve_gateway
-from tests.support import WsRecorder, eventually
+from tests.support import WsRecorder, auth_headers, eventually
 
 LINES = [
     "first line\n",
@@ -39,7 +39,7 @@ async def test_follow_from_an_offset_then_live_then_log_end(settings: Settings) 
         await pub.event(job_event(5, 1))
         await pub.event(job_event(5, 2, "WORKING"))
         offset = await publish_chunks(pub, 5, LINES[:2], 0)
-        async with WsRecorder(gw.ws_url) as ws:
+        async with WsRecorder(gw.ws_url, headers=auth_headers(settings)) as ws:
             await ws.send({"type": "follow_logs", "build_id": 5, "offset": 4})
             # Live part: published after the follow began.
             await ws.wait_for(lambda m: m.get("type") == "log")
@@ -64,7 +64,7 @@ async def test_follow_reads_what_the_stream_lost_from_postgres(settings: Setting
         await pub.chunk(6, offset, "", eof=True)
         await pub.event(job_event(6, 3, "FAILURE"))
 
-        async with httpx.AsyncClient(base_url=gw.url) as http:
+        async with httpx.AsyncClient(base_url=gw.url, headers=auth_headers(settings)) as http:
 
             async def stored() -> bool:
                 r = await http.get("/api/jobs/6/logs")
@@ -73,7 +73,7 @@ async def test_follow_reads_what_the_stream_lost_from_postgres(settings: Setting
             await eventually(stored)
         await pub.js.purge_stream(settings.subjects.logs_stream)
 
-        async with WsRecorder(gw.ws_url) as ws:
+        async with WsRecorder(gw.ws_url, headers=auth_headers(settings)) as ws:
             await ws.send({"type": "follow_logs", "build_id": 6, "offset": 11})
             end = await ws.wait_for(lambda m: m.get("type") == "log_end")
         text, _ = log_text(ws, 6)
@@ -84,7 +84,7 @@ async def test_follow_reads_what_the_stream_lost_from_postgres(settings: Setting
 async def test_unfollow_stops_the_log(settings: Settings) -> None:
     async with publisher(settings) as pub, serve_gateway(settings) as gw:
         await pub.event(job_event(7, 1))
-        async with WsRecorder(gw.ws_url) as ws:
+        async with WsRecorder(gw.ws_url, headers=auth_headers(settings)) as ws:
             await ws.send({"type": "follow_logs", "build_id": 7, "offset": 0})
             await pub.chunk(7, 0, "one\n")
             await ws.wait_for(lambda m: m.get("type") == "log")

@@ -10,7 +10,7 @@ import httpx
 
 from services.common.config import Settings
 from tests.integration.ws_support import job_event, publisher, serve_gateway
-from tests.support import eventually
+from tests.support import auth_headers, eventually
 
 HOSTILE = "<script>alert(1)</script>"
 HOSTILE_IMG = '<img src=x onerror="alert(2)">'
@@ -19,7 +19,7 @@ HOSTILE_IMG = '<img src=x onerror="alert(2)">'
 async def test_pages_render_jobs_and_escape_user_text(settings: Settings) -> None:
     async with publisher(settings) as pub, serve_gateway(settings) as gw:
         await pub.event(job_event(11, 1, variables={"note": HOSTILE}))
-        async with httpx.AsyncClient(base_url=gw.url) as http:
+        async with httpx.AsyncClient(base_url=gw.url, headers=auth_headers(settings)) as http:
 
             async def first_stored() -> bool:
                 return (await http.get("/api/jobs/11")).status_code == 200
@@ -33,7 +33,7 @@ async def test_pages_render_jobs_and_escape_user_text(settings: Settings) -> Non
         await pub.event(job_event(11, 3, "SUCCESS"))
         await pub.event(job_event(12, 1, org="other", env="prod"))
 
-        async with httpx.AsyncClient(base_url=gw.url) as http:
+        async with httpx.AsyncClient(base_url=gw.url, headers=auth_headers(settings)) as http:
 
             async def ingested() -> bool:
                 r = await http.get("/api/jobs/11/logs")
@@ -96,7 +96,9 @@ async def test_job_page_of_a_just_submitted_job_waits_for_ingestion(settings: Se
         # Build IDs are submit-stream sequences; no scheduler runs, so publish its part.
         ack = await pub.js.publish(settings.subjects.submit, b"{}")
         build_id = int(ack.seq)
-        async with httpx.AsyncClient(base_url=gw.url, timeout=30) as http:
+        async with httpx.AsyncClient(
+            base_url=gw.url, headers=auth_headers(settings), timeout=30
+        ) as http:
             page = asyncio.create_task(http.get(f"/jobs/{build_id}"))
             await pub.event(job_event(build_id, 1))
             answer = await page

@@ -23,7 +23,7 @@ from starlette.applications import Starlette
 from services.common import bus, codec
 from services.common.config import Settings
 from services.common.subjects import event_msg_id
-from services.gateway.app import create_app
+from services.gateway.app import create_app, server_config
 from services.gateway.hub import Hub
 
 AT = "2026-11-24T07:00:00.123Z"
@@ -129,8 +129,8 @@ async def serve_gateway(settings: Settings) -> AsyncIterator[Gateway]:
     """The real app, served by uvicorn in this process on the settings' gateway port."""
     app = create_app(settings)
     port = int(urlparse(settings.gateway_url).port or 80)
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
+    # The production server options (websocket limits included), logging left to pytest.
+    server = uvicorn.Server(server_config(app, "127.0.0.1", port, log_level="warning"))
     task = asyncio.create_task(server.serve())
     try:
         async with asyncio.timeout(30), httpx.AsyncClient() as http:
@@ -161,7 +161,7 @@ class RawWs:
         self.close_code: int | None = None
 
     @classmethod
-    async def connect(cls, url: str) -> RawWs:
+    async def connect(cls, url: str, headers: dict[str, str] | None = None) -> RawWs:
         parsed = urlparse(url)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -169,11 +169,12 @@ class RawWs:
         await asyncio.get_running_loop().sock_connect(sock, (parsed.hostname, parsed.port))
         reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
         key = base64.b64encode(os.urandom(16)).decode()
+        extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
         writer.write(
             (
                 f"GET {parsed.path} HTTP/1.1\r\nHost: {parsed.netloc}\r\n"
                 "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
             ).encode()
         )
         await writer.drain()

@@ -52,7 +52,12 @@ def test_variables_are_included_only_when_known() -> None:
 
 def test_empty_filter_selects_everything_and_asks_one_row_more() -> None:
     params = list_params(JobFilter(), 50, None)
-    assert params == (None, None, None, None, None, None, None, None, None, 51)
+    assert params == (None, None, None, None, None, None, None, None, None, 51, None)
+
+
+def test_scope_limits_the_list_to_those_organizations() -> None:
+    assert list_params(JobFilter(), 50, None, ["globex", "acme"])[10] == ["globex", "acme"]
+    assert list_params(JobFilter(), 50, None, [])[10] == []  # nothing, not everything
 
 
 def test_each_filter_field_lands_in_its_own_parameter() -> None:
@@ -77,6 +82,7 @@ def test_each_filter_field_lands_in_its_own_parameter() -> None:
         None,
         42,
         11,
+        None,
     )
 
 

@@ -126,7 +126,13 @@ cancel?.addEventListener("click", async () => {
   const result = document.getElementById("cancel-result");
   cancel.disabled = true;
   try {
-    const res = await fetch(`/api/jobs/${buildId}/cancel`, { method: "POST", headers: { Accept: "application/json" } });
+    // The page's CSRF token (a <meta> of base.html): the session cookie alone does not
+    // authorise a state-changing request.
+    const csrf = document.querySelector('meta[name="csrf-token"]')?.content || "";
+    const res = await fetch(`/api/jobs/${buildId}/cancel`, {
+      method: "POST",
+      headers: { Accept: "application/json", "X-CSRF-Token": csrf },
+    });
     if (res.ok) {
       result.textContent = "cancel requested";
     } else {
