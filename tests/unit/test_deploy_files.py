@@ -221,6 +221,9 @@ def test_compose_refuses_to_start_without_the_secrets() -> None:
         "XOOGIFY_NATS_PASSWORD_SCHEDULER",
         "XOOGIFY_NATS_PASSWORD_RUNNER",
         "XOOGIFY_NATS_PASSWORD_SUBSCRIBERS_ADMIN",
+        "XOOGIFY_SECRETS_PUBLIC_KEY",
+        "XOOGIFY_SECRETS_PRIVATE_KEY",
+        "XOOGIFY_STATE_KEY",
     } <= required
     with pytest.raises(InterpolationError, match="XOOGIFY_"):
         interpolate(raw_compose(), {})
