@@ -33,6 +33,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
             "XOOGIFY_QUEUE_TIMEOUT_S": str(settings.queue_timeout_s),
             "XOOGIFY_LOG_CAP_BYTES": str(settings.log_cap_bytes),
             "XOOGIFY_STATE_SECRET": settings.state_secret,
+            "XOOGIFY_STREAM_REPLICAS": str(settings.stream_replicas),
+            "XOOGIFY_LEADER_TTL_S": str(settings.leader_ttl_s),
             # Short drains keep teardown quick; a test may pass its own.
             "XOOGIFY_DRAIN_TIMEOUT_S": "5",
         }

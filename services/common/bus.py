@@ -48,7 +48,7 @@ async def connect(settings: Settings, name: str, **options: Any) -> Client:
     if prefix is not None:
         options.setdefault("inbox_prefix", prefix)
     return await nats.connect(
-        settings.nats_url,
+        settings.nats_servers,
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
@@ -61,7 +61,7 @@ async def connect(settings: Settings, name: str, **options: Any) -> Client:
 
 def stream_configs(settings: Settings) -> list[StreamConfig]:
     s = settings.subjects
-    return [
+    configs = [
         # The submission's stream sequence is its build_id; Idempotency-Key → Nats-Msg-Id,
         # so a retried submission within 24 h is the same job.
         StreamConfig(
@@ -105,6 +105,9 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
             discard=DiscardPolicy.OLD,
         ),
     ]
+    for config in configs:
+        config.num_replicas = settings.stream_replicas
+    return configs
 
 
 async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
@@ -117,11 +120,17 @@ async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
                 await js.update_stream(config)
 
 
-async def ensure_kv(js: JetStreamContext, bucket: str, ttl: float | None = None) -> Any:
+async def ensure_kv(
+    js: JetStreamContext, bucket: str, ttl: float | None = None, replicas: int = 1
+) -> Any:
+    """The bucket, created when missing with `replicas` copies (Settings.stream_replicas);
+    `ttl` applies to every key of the bucket."""
     try:
         return await js.key_value(bucket)
     except (NotFoundError, Exception):
-        config = KeyValueConfig(bucket=bucket, storage=StorageType.FILE, history=1)
+        config = KeyValueConfig(
+            bucket=bucket, storage=StorageType.FILE, history=1, replicas=replicas
+        )
         if ttl:
             config.ttl = ttl
         try:

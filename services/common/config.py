@@ -62,6 +62,16 @@ class Settings:
     # Shared by the scheduler (issues per-job Terraform state credentials) and the gateway
     # (checks them); empty means the state backend refuses everyone.
     state_secret: str = ""
+    # Replicas of every stream and KV bucket: 1 on one server, 3 on a JetStream cluster.
+    stream_replicas: int = 1
+    # Scheduler leader lease (issue 8): a standby takes over this long after the leader
+    # stops renewing; the leader renews three times per TTL.
+    leader_ttl_s: float = 6.0
+
+    @property
+    def nats_servers(self) -> list[str]:
+        """XOOGIFY_NATS_URL may name several servers of a cluster, comma-separated."""
+        return [url.strip() for url in self.nats_url.split(",") if url.strip()]
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -83,4 +93,6 @@ class Settings:
             cancel_grace_s=_float(env, "XOOGIFY_CANCEL_GRACE_S", 10.0),
             log_cap_bytes=_int(env, "XOOGIFY_LOG_CAP_BYTES", 64 * 1024 * 1024),
             state_secret=env.get("XOOGIFY_STATE_SECRET") or "",
+            stream_replicas=_int(env, "XOOGIFY_STREAM_REPLICAS", 1),
+            leader_ttl_s=_float(env, "XOOGIFY_LEADER_TTL_S", 6.0),
         )
