@@ -17,7 +17,6 @@ from nats.aio.client import Client
 from services.common import bus, codec
 from services.common.config import Settings
 from services.scheduler.leader import LEASE_KEY, Lease, NotLeader
-from services.scheduler.service import run
 from tests.integration.test_scheduler_life import Events, Harness, submission
 from tests.support import eventually
 
