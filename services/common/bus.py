@@ -6,6 +6,7 @@ start first.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from typing import Any
@@ -118,6 +119,25 @@ async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
             # Exists with other settings (retention changed by the operator): update it.
             with contextlib.suppress(BadRequestError):
                 await js.update_stream(config)
+    if settings.stream_replicas > 1:
+        for config in stream_configs(settings):
+            await wait_stream_leader(js, str(config.name))
+
+
+async def wait_stream_leader(js: JetStreamContext, stream: str, timeout: float = 30.0) -> None:
+    """On a cluster, a stream just created (or whose leader node died) takes a few seconds
+    to elect a leader; until then a publish gets no response. Wait for it at start-up,
+    so a service's first write does not fail."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        with contextlib.suppress(Exception):
+            info = await js.stream_info(stream)
+            if info.cluster is None or info.cluster.leader:
+                return
+        if loop.time() > deadline:
+            raise TimeoutError(f"stream {stream} has no leader after {timeout}s")
+        await asyncio.sleep(0.2)
 
 
 async def ensure_kv(
@@ -126,7 +146,7 @@ async def ensure_kv(
     """The bucket, created when missing with `replicas` copies (Settings.stream_replicas);
     `ttl` applies to every key of the bucket."""
     try:
-        return await js.key_value(bucket)
+        kv = await js.key_value(bucket)
     except (NotFoundError, Exception):
         config = KeyValueConfig(
             bucket=bucket, storage=StorageType.FILE, history=1, replicas=replicas
@@ -134,6 +154,9 @@ async def ensure_kv(
         if ttl:
             config.ttl = ttl
         try:
-            return await js.create_key_value(config)
+            kv = await js.create_key_value(config)
         except BadRequestError:
-            return await js.key_value(bucket)
+            kv = await js.key_value(bucket)
+    if replicas > 1:
+        await wait_stream_leader(js, f"KV_{bucket}")
+    return kv

@@ -35,12 +35,13 @@ def nats_server(nats_cluster: EmbeddedNatsCluster) -> EmbeddedNatsCluster:
 
 @pytest.fixture
 def settings(settings: Settings) -> Settings:
-    # A 2 s heartbeat (registry TTL 6 s) rides out a NATS node failing over; a 3 s lease
-    # keeps the takeover quick.
+    # The default 5 s heartbeat (registry TTL 15 s): a stream whose leader node died elects
+    # another in 4-10 s (Raft election timeouts), and runners must outlive that. A 3 s
+    # lease keeps the scheduler takeover quick.
     return replace(
         settings,
         modules_dir=MODULES_DIR,
         stream_replicas=3,
         leader_ttl_s=3.0,
-        heartbeat_s=2.0,
+        heartbeat_s=5.0,
     )
