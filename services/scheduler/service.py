@@ -378,17 +378,6 @@ async def run(
             LEADER.set(1)
             TAKEOVERS.inc()
             log.info("scheduler leads", extra={"holder": lease.holder, "lease": lease.revision})
-            try:
-                await scheduler.start()
-            except Exception:
-                # NATS failing over under us: give the lease back and compete again.
-                log.exception("scheduler could not start leading")
-                LEADER.set(0)
-                await scheduler.stand_down()
-                await lease.release()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), lease.times.poll_every_s)
-                continue
             await _lead(scheduler, lease, stop)
             LEADER.set(0)
             await scheduler.stand_down()
@@ -405,10 +394,24 @@ async def run(
 
 
 async def _lead(scheduler: Scheduler, lease: Lease, stop: asyncio.Event) -> None:
-    """Until stop is set or the lease is lost; a side task that ends first is a bug."""
-    stopper = asyncio.create_task(stop.wait(), name="stop")
+    """One term: until stop is set or the lease is lost. The lease is renewed from the
+    start (taking over the state may take seconds while NATS fails over); a term that
+    cannot start ends, and the lease is competed for again; a side task that ends first
+    is a bug."""
     holder = asyncio.create_task(lease.hold(stop), name="lease")
+    stopper = asyncio.create_task(stop.wait(), name="stop")
     try:
+        try:
+            await scheduler.start()
+        except Exception:
+            log.exception("scheduler could not start leading")
+            holder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await holder  # no renew may land after the release
+            await lease.release()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), lease.times.poll_every_s)
+            return
         done, _ = await asyncio.wait(
             [stopper, holder, *scheduler.tasks], return_when=asyncio.FIRST_COMPLETED
         )
@@ -418,3 +421,5 @@ async def _lead(scheduler: Scheduler, lease: Lease, stop: asyncio.Event) -> None
     finally:
         stopper.cancel()
         holder.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await holder  # a renew in flight would make the release miss its revision

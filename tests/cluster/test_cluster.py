@@ -154,6 +154,10 @@ async def test_burst_through_leader_and_nats_node_loss(
 
     statuses = Counter((j["status"], j["reason"]) for j in jobs.values())
     print(f"outcomes: {dict(statuses)}")
+    for build_id, job in sorted(jobs.items()):
+        if job["status"] != "SUCCESS":
+            history = [(r["seq"], r["status"]) for r in stored if r["build_id"] == build_id]
+            print(f"  build {build_id}: {job['status']}/{job['reason']} {sorted(history)}")
     assert set(jobs) == set(build_ids)
 
     # Each event exactly once: on the stream (dedup by Nats-Msg-Id held through the
