@@ -4,6 +4,7 @@ from the state in KV, and a job submitted afterwards runs to SUCCESS exactly onc
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -11,7 +12,7 @@ from services.common.config import Settings
 from services.common.embedded import free_port
 from tests.cluster.failover import job_body, submit_until_accepted, the_leader, wait_takeover
 from tests.stack import Stack
-from tests.support import WsRecorder, auth_headers
+from tests.support import WsRecorder, auth_headers, eventually
 
 
 async def test_standby_takes_over_after_the_leader_is_killed(
@@ -42,7 +43,13 @@ async def test_standby_takes_over_after_the_leader_is_killed(
         )
         done = await ws.wait_job_status(after, {"SUCCESS", "FAILURE"})
         assert done["status"] == "SUCCESS", done
-        job = (await client.get(f"/api/jobs/{after}")).json()
+
+        async def stored() -> dict[str, Any] | None:
+            # The websocket runs ahead of Postgres: wait for the stored record.
+            job = (await client.get(f"/api/jobs/{after}")).json()
+            return job if job["status"] == "SUCCESS" else None
+
+        job = await eventually(stored, timeout=30)
     assert [e["seq"] for e in job["events"]] == [1, 2, 3]
     assert [e["status"] for e in job["events"]] == ["IN-PROGRESS", "WORKING", "SUCCESS"]
     assert sorted(evidence.read_text().split()) == sorted([str(before), str(after)])
