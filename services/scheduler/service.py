@@ -28,7 +28,7 @@ from nats.js.errors import NotFoundError
 from services.common import bus, codec, schemas
 from services.common.config import Settings
 from services.common.metrics import REJECTED, serve_metrics
-from services.scheduler.effects import Effect
+from services.scheduler.effects import Effect, PublishEvent
 from services.scheduler.leader import Lease, NotLeader
 from services.scheduler.machine import Limits, Machine
 from services.scheduler.metrics import ADMITTED, CLAIMS, LEADER, TAKEOVERS
@@ -328,7 +328,22 @@ class Scheduler:
 
     async def sweep_registry(self) -> None:
         runners = await read_registry(self.runners_kv)
-        await self._decide(lambda now: self.machine.observe_runners(runners, now))
+
+        def observe(now: float) -> list[Effect]:
+            effects = self.machine.observe_runners(runners, now)
+            for effect in effects:
+                if isinstance(effect, PublishEvent) and effect.payload["reason"] == "runner-lost":
+                    log.warning(
+                        "runner lost",
+                        extra={
+                            "build_id": effect.build_id,
+                            "runner_id": effect.payload["runner_id"],
+                            "registry": ",".join(sorted(runners)),
+                        },
+                    )
+            return effects
+
+        await self._decide(observe)
 
     async def compact(self) -> None:
         floor = await self._submit_ack_floor()
