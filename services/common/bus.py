@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import nats
@@ -20,6 +22,7 @@ from nats.js.api import (
     RetentionPolicy,
     StorageType,
     StreamConfig,
+    StreamInfo,
 )
 from nats.js.errors import BadRequestError, NotFoundError
 
@@ -121,10 +124,24 @@ async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
                 await js.update_stream(config)
     if settings.stream_replicas > 1:
         for config in stream_configs(settings):
-            await wait_stream_leader(js, str(config.name))
+            # Creating an existing stream with the same config answers its info, and every
+            # role may do that (not every role may ask for the info of every stream).
+            await wait_stream_leader(js, str(config.name), functools.partial(_info, js, config))
 
 
-async def wait_stream_leader(js: JetStreamContext, stream: str, timeout: float = 30.0) -> None:
+async def _info(js: JetStreamContext, config: StreamConfig) -> StreamInfo:
+    try:
+        return await js.add_stream(config)
+    except BadRequestError:
+        return await js.stream_info(str(config.name))
+
+
+async def wait_stream_leader(
+    js: JetStreamContext,
+    stream: str,
+    probe: Callable[[], Awaitable[StreamInfo]] | None = None,
+    timeout: float = 30.0,
+) -> None:
     """On a cluster, a stream just created (or whose leader node died) takes a few seconds
     to elect a leader; until then a publish gets no response. Wait for it at start-up,
     so a service's first write does not fail."""
@@ -132,7 +149,7 @@ async def wait_stream_leader(js: JetStreamContext, stream: str, timeout: float =
     deadline = loop.time() + timeout
     while True:
         with contextlib.suppress(Exception):
-            info = await js.stream_info(stream)
+            info = await (probe() if probe else js.stream_info(stream))
             if info.cluster is None or info.cluster.leader:
                 return
         if loop.time() > deadline:
