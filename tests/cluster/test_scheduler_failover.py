@@ -37,6 +37,9 @@ async def test_standby_takes_over_after_the_leader_is_killed(
         stack.kill(leader)
         took = await wait_takeover(standby, schedulers[standby])
         print(f"takeover after SIGKILL of the leader: {took:.2f} s")
+        async with httpx.AsyncClient() as probe:
+            health = await probe.get(f"http://127.0.0.1:{schedulers[standby]}/healthz")
+        assert health.status_code == 200 and health.json()["leader"] is True
 
         after = await submit_until_accepted(
             client, job_body("e1", "APPLY-AUTO", str(evidence)), "k2"
