@@ -16,6 +16,7 @@ import asyncpg
 import httpx
 import nats
 import pytest
+from nats.js.api import StreamInfo
 
 from services.common import codec
 from services.common.config import Settings
@@ -40,12 +41,16 @@ def burst_bodies(evidence: Path) -> list[dict[str, Any]]:
     return bodies
 
 
-async def events_stream_leader(settings: Settings) -> str:
+async def stream_info(settings: Settings) -> StreamInfo:
     nc = await nats.connect(settings.nats_servers)
     try:
-        info = await nc.jetstream().stream_info(settings.subjects.events_stream)
+        return await nc.jetstream().stream_info(settings.subjects.events_stream)
     finally:
         await nc.close()
+
+
+async def events_stream_leader(settings: Settings) -> str:
+    info = await stream_info(settings)
     assert info.cluster is not None and info.config.num_replicas == 3
     return str(info.cluster.leader)
 
@@ -140,6 +145,18 @@ async def test_burst_through_leader_and_nats_node_loss(
                 for r in await conn.fetch("SELECT build_id, status, reason, seq FROM jobs")
             }
             stored = await conn.fetch("SELECT build_id, seq, status FROM job_events")
+            last = (await stream_info(settings)).state.last_seq
+
+            async def both_ingested() -> bool:
+                # Each gateway ingests every event through its own durable consumer.
+                rows = await conn.fetch(
+                    "SELECT consumer, watermark FROM ingest_progress WHERE kind = 'events'"
+                )
+                marks = {r["consumer"]: r["watermark"] for r in rows}
+                wanted = {f"ingest-events-{name}" for name in gateways}
+                return set(marks) == wanted and min(marks.values()) >= last
+
+            await eventually(both_ingested, timeout=30, interval=0.2)
         finally:
             await conn.close()
 

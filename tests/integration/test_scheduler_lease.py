@@ -13,6 +13,7 @@ import nats
 import nats.errors
 import pytest
 from nats.aio.client import Client
+from prometheus_client import REGISTRY
 
 from services.common import bus, codec
 from services.common.config import Settings
@@ -94,6 +95,7 @@ async def test_a_scheduler_that_loses_its_lease_stops_answering(settings: Settin
             return False
 
         await eventually(silent, timeout=10)
+        assert REGISTRY.get_sample_value("xoogify_scheduler_leader") == 0
         # Deposed, it takes no submission either.
         build_id = await h.submit(submission())
         assert await _untouched(kv, js, settings, build_id)
@@ -104,6 +106,7 @@ async def test_a_scheduler_that_loses_its_lease_stops_answering(settings: Settin
         await eventually(lambda: _stored(sched, build_id), timeout=15)
         holder = codec.loads((await kv.get(LEASE_KEY)).value)["holder"]
         assert holder != "usurper"
+        assert REGISTRY.get_sample_value("xoogify_scheduler_leader") == 1
     finally:
         await h.halt()
         await nc.close()
