@@ -17,7 +17,7 @@ from services.common.config import Settings
 async def problems(settings: Settings) -> list[str]:
     s = settings.subjects
     found: list[str] = []
-    nc = await nats.connect(settings.nats_url)
+    nc = await nats.connect(settings.nats_servers)
     try:
         js = nc.jetstream()
         for stream, schema in (

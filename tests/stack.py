@@ -50,6 +50,8 @@ def settings_env(settings: Settings, role: str | None = None) -> dict[str, str]:
             "XOOGIFY_QUEUE_TIMEOUT_S": str(settings.queue_timeout_s),
             "XOOGIFY_LOG_CAP_BYTES": str(settings.log_cap_bytes),
             "XOOGIFY_STATE_SECRET": settings.state_secret,
+            "XOOGIFY_STREAM_REPLICAS": str(settings.stream_replicas),
+            "XOOGIFY_LEADER_TTL_S": str(settings.leader_ttl_s),
             # Short drains keep teardown quick; a test may pass its own.
             "XOOGIFY_DRAIN_TIMEOUT_S": "5",
         }
@@ -104,12 +106,28 @@ class Stack:
         self.procs[name] = proc
         return proc
 
-    async def start_gateway(self, name: str = "gateway", **extra_env: str) -> None:
-        self.spawn(name, ["gateway", "--port", str(self.gateway_port)], **extra_env)
-        await self.wait_ready()
+    async def start_gateway(
+        self,
+        name: str = "gateway",
+        port: int | None = None,
+        gateway_id: str | None = None,
+        **extra_env: str,
+    ) -> None:
+        """The gateway on the settings' port, or a replica on its own `port` with its own
+        `gateway_id` (its ingestion consumers)."""
+        args = ["gateway", "--port", str(port or self.gateway_port)]
+        if gateway_id is not None:
+            args += ["--gateway-id", gateway_id]
+        self.spawn(name, args, **extra_env)
+        await self.wait_ready(url=f"http://127.0.0.1:{port}" if port else None)
 
-    async def start_scheduler(self, name: str = "scheduler", **extra_env: str) -> None:
-        self.spawn(name, ["scheduler"], **extra_env)
+    async def start_scheduler(
+        self, name: str = "scheduler", metrics_port: int | None = None, **extra_env: str
+    ) -> None:
+        args = ["scheduler"]
+        if metrics_port is not None:
+            args += ["--metrics-port", str(metrics_port)]
+        self.spawn(name, args, **extra_env)
 
     async def start_runner(
         self,
@@ -127,12 +145,12 @@ class Stack:
         for i in range(runners):
             await self.start_runner(f"runner-{i + 1}")
 
-    async def wait_ready(self, timeout: float = 30.0) -> None:
+    async def wait_ready(self, timeout: float = 30.0, url: str | None = None) -> None:
         deadline = asyncio.get_running_loop().time() + timeout
         async with httpx.AsyncClient() as client:
             while True:
                 try:
-                    r = await client.get(f"{self.url}/readyz", timeout=1.0)
+                    r = await client.get(f"{url or self.url}/readyz", timeout=1.0)
                     if r.status_code == 200:
                         return
                 except httpx.HTTPError:

@@ -105,7 +105,7 @@ async def _connect(settings: Settings, on_reconnect: Callable[[], Awaitable[None
         return None
 
     return await nats.connect(
-        settings.nats_url,
+        settings.nats_servers,
         name="xoogify-watch",
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,

@@ -6,8 +6,11 @@ start first.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import nats
@@ -19,6 +22,7 @@ from nats.js.api import (
     RetentionPolicy,
     StorageType,
     StreamConfig,
+    StreamInfo,
 )
 from nats.js.errors import BadRequestError, NotFoundError
 
@@ -48,7 +52,7 @@ async def connect(settings: Settings, name: str, **options: Any) -> Client:
     if prefix is not None:
         options.setdefault("inbox_prefix", prefix)
     return await nats.connect(
-        settings.nats_url,
+        settings.nats_servers,
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
@@ -61,7 +65,7 @@ async def connect(settings: Settings, name: str, **options: Any) -> Client:
 
 def stream_configs(settings: Settings) -> list[StreamConfig]:
     s = settings.subjects
-    return [
+    configs = [
         # The submission's stream sequence is its build_id; Idempotency-Key → Nats-Msg-Id,
         # so a retried submission within 24 h is the same job.
         StreamConfig(
@@ -105,6 +109,9 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
             discard=DiscardPolicy.OLD,
         ),
     ]
+    for config in configs:
+        config.num_replicas = settings.stream_replicas
+    return configs
 
 
 async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
@@ -115,16 +122,58 @@ async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
             # Exists with other settings (retention changed by the operator): update it.
             with contextlib.suppress(BadRequestError):
                 await js.update_stream(config)
+    if settings.stream_replicas > 1:
+        for config in stream_configs(settings):
+            # Creating an existing stream with the same config answers its info, and every
+            # role may do that (not every role may ask for the info of every stream).
+            await wait_stream_leader(js, str(config.name), functools.partial(_info, js, config))
 
 
-async def ensure_kv(js: JetStreamContext, bucket: str, ttl: float | None = None) -> Any:
+async def _info(js: JetStreamContext, config: StreamConfig) -> StreamInfo:
     try:
-        return await js.key_value(bucket)
+        return await js.add_stream(config)
+    except BadRequestError:
+        return await js.stream_info(str(config.name))
+
+
+async def wait_stream_leader(
+    js: JetStreamContext,
+    stream: str,
+    probe: Callable[[], Awaitable[StreamInfo]] | None = None,
+    timeout: float = 30.0,
+) -> None:
+    """On a cluster, a stream just created (or whose leader node died) takes a few seconds
+    to elect a leader; until then a publish gets no response. Wait for it at start-up,
+    so a service's first write does not fail."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        with contextlib.suppress(Exception):
+            info = await (probe() if probe else js.stream_info(stream))
+            if info.cluster is None or info.cluster.leader:
+                return
+        if loop.time() > deadline:
+            raise TimeoutError(f"stream {stream} has no leader after {timeout}s")
+        await asyncio.sleep(0.2)
+
+
+async def ensure_kv(
+    js: JetStreamContext, bucket: str, ttl: float | None = None, replicas: int = 1
+) -> Any:
+    """The bucket, created when missing with `replicas` copies (Settings.stream_replicas);
+    `ttl` applies to every key of the bucket."""
+    try:
+        kv = await js.key_value(bucket)
     except (NotFoundError, Exception):
-        config = KeyValueConfig(bucket=bucket, storage=StorageType.FILE, history=1)
+        config = KeyValueConfig(
+            bucket=bucket, storage=StorageType.FILE, history=1, replicas=replicas
+        )
         if ttl:
             config.ttl = ttl
         try:
-            return await js.create_key_value(config)
+            kv = await js.create_key_value(config)
         except BadRequestError:
-            return await js.key_value(bucket)
+            kv = await js.key_value(bucket)
+    if replicas > 1:
+        await wait_stream_leader(js, f"KV_{bucket}")
+    return kv

@@ -68,6 +68,16 @@ class Settings:
     secrets_public_key: str = field(default="", repr=False)
     secrets_private_key: str = field(default="", repr=False)
     state_key: str = field(default="", repr=False)
+    # Replicas of every stream and KV bucket: 1 on one server, 3 on a JetStream cluster.
+    stream_replicas: int = 1
+    # Scheduler leader lease (issue 8): a standby takes over this long after the leader
+    # stops renewing; the leader renews three times per TTL.
+    leader_ttl_s: float = 6.0
+
+    @property
+    def nats_servers(self) -> list[str]:
+        """XOOGIFY_NATS_URL may name several servers of a cluster, comma-separated."""
+        return [url.strip() for url in self.nats_url.split(",") if url.strip()]
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -92,4 +102,6 @@ class Settings:
             secrets_public_key=env.get("XOOGIFY_SECRETS_PUBLIC_KEY") or "",
             secrets_private_key=env.get("XOOGIFY_SECRETS_PRIVATE_KEY") or "",
             state_key=env.get("XOOGIFY_STATE_KEY") or "",
+            stream_replicas=_int(env, "XOOGIFY_STREAM_REPLICAS", 1),
+            leader_ttl_s=_float(env, "XOOGIFY_LEADER_TTL_S", 6.0),
         )

@@ -75,6 +75,12 @@ class EmbeddedNats:
     port: int = 0
     log_file: Path | None = None
     config_file: Path | None = None
+    # A node of a JetStream cluster (see EmbeddedNatsCluster): its server name, its route
+    # port and the route ports of all nodes.
+    name: str | None = None
+    cluster_name: str | None = None
+    cluster_port: int = 0
+    routes: list[int] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     @property
@@ -87,6 +93,12 @@ class EmbeddedNats:
             self.port = free_port()
         cmd = [find_nats_server(), "-js", "-sd", str(self.store_dir), "-a", "127.0.0.1"]
         cmd += ["-p", str(self.port)]
+        if self.name is not None:
+            cmd += ["--name", self.name]
+        if self.cluster_port:
+            routes = ",".join(f"nats://127.0.0.1:{port}" for port in self.routes)
+            cmd += ["--cluster_name", self.cluster_name or "xoogify"]
+            cmd += ["--cluster", f"nats://127.0.0.1:{self.cluster_port}", "--routes", routes]
         if self.config_file is not None:
             cmd += ["-c", str(self.config_file)]
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
@@ -97,11 +109,70 @@ class EmbeddedNats:
         wait_for_port(self.port, timeout, self.proc)
         return self
 
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def stop(self, timeout: float = 10.0) -> None:
         _stop(self.proc, signal.SIGTERM, timeout)
 
     def kill(self) -> None:
         _stop(self.proc, signal.SIGKILL, 5)
+
+
+@dataclass
+class EmbeddedNatsCluster:
+    """N `nats-server` processes on loopback forming one JetStream cluster (distinct
+    server names, store dirs, client and route ports); a node killed and started again
+    keeps its ports and store, so it rejoins."""
+
+    base_dir: Path
+    size: int = 3
+    nodes: list[EmbeddedNats] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        """All nodes, comma-separated, as XOOGIFY_NATS_URL takes them."""
+        return ",".join(node.url for node in self.nodes)
+
+    def start(self, timeout: float = 30.0) -> EmbeddedNatsCluster:
+        route_ports = [free_port() for _ in range(self.size)]
+        for i, cluster_port in enumerate(route_ports):
+            name = f"n{i + 1}"
+            node = EmbeddedNats(
+                self.base_dir / name / "store",
+                log_file=self.base_dir / f"{name}.log",
+                name=name,
+                cluster_name="xoogify",
+                cluster_port=cluster_port,
+                routes=route_ports,
+            )
+            self.nodes.append(node)
+        for node in self.nodes:
+            node.start(timeout)
+        return self
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        """Until the cluster has a JetStream meta leader (it answers account info)."""
+        import nats
+
+        deadline = time.monotonic() + timeout
+        nc = await nats.connect([n.url for n in self.nodes if n.running])
+        try:
+            while True:
+                try:
+                    await nc.jetstream().account_info()
+                    return
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.1)
+        finally:
+            await nc.close()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
 
 
 def find_postgres_bin() -> Path:

@@ -4,7 +4,9 @@ processes that have no HTTP server of their own (scheduler, runner)."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 
@@ -16,9 +18,13 @@ REJECTED = Counter(
 
 
 async def serve_metrics(
-    port: int, healthy: Callable[[], bool] = lambda: True, host: str = "127.0.0.1"
+    port: int,
+    healthy: Callable[[], bool] = lambda: True,
+    host: str = "127.0.0.1",
+    details: Callable[[], dict[str, Any]] | None = None,
 ) -> asyncio.Server:
-    """Answer GET /metrics (Prometheus text) and GET /healthz on `port`."""
+    """Answer GET /metrics (Prometheus text) and GET /healthz on `port`; `details` adds
+    fields to the /healthz body (the scheduler's leadership)."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -33,7 +39,8 @@ async def serve_metrics(
                 status = "200 OK" if ok else "503 Service Unavailable"
                 # The same shape as the gateway's /healthz.
                 ctype = "application/json"
-                body = b'{"status": "ok"}' if ok else b'{"status": "unhealthy"}'
+                answer = {"status": "ok" if ok else "unhealthy", **(details() if details else {})}
+                body = json.dumps(answer).encode()
             else:
                 status, ctype, body = "404 Not Found", "application/json", b'{"error": "not found"}'
             head = f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"

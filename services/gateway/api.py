@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import nats.errors
 import orjson
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -96,10 +97,19 @@ async def submit_job(request: Request) -> Response:
     }
     subjects = ctx.settings.subjects
     headers = {"Nats-Msg-Id": f"{body['organization']}:{key}"} if key else None
-    ack = await sealing.publish_submission(ctx.js, ctx.settings, ctx.keys, message, hidden, headers)
-    build_id = int(ack.seq)
+    try:
+        ack = await sealing.publish_submission(
+            ctx.js, ctx.settings, ctx.keys, message, hidden, headers
+        )
+        build_id = int(ack.seq)
+        if ack.duplicate:
+            stored_msg = await ctx.js.get_msg(subjects.submit_stream, build_id)
+    except (nats.errors.Error, TimeoutError) as exc:
+        # The submit stream has no leader for a moment (a NATS node failing over) or NATS
+        # is away: nothing was accepted, the client retries (with its Idempotency-Key).
+        raise ApiError(503, f"NATS did not take the submission; try again ({exc!r})") from None
     if ack.duplicate:
-        stored = codec.loads((await ctx.js.get_msg(subjects.submit_stream, build_id)).data or b"{}")
+        stored = codec.loads(stored_msg.data or b"{}")
         if stored.get("body_hash") != message["body_hash"]:
             raise ApiError(
                 409, "Idempotency-Key was used with another body", "idempotency-conflict"

@@ -115,7 +115,12 @@ class RunnerService:
         settings = self.settings
         js = nc.jetstream()
         await bus.ensure_streams(js, settings)
-        kv = await bus.ensure_kv(js, settings.subjects.runners_bucket, ttl=3 * settings.heartbeat_s)
+        kv = await bus.ensure_kv(
+            js,
+            settings.subjects.runners_bucket,
+            ttl=3 * settings.heartbeat_s,
+            replicas=settings.stream_replicas,
+        )
         registry = Registry(
             kv, self.runner_id, self.arch, self.kinds, self.labels, settings.heartbeat_s
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable
 from typing import Any
 
@@ -36,6 +37,8 @@ FETCH_TIMEOUT_S = 0.5
 CLAIM_TIMEOUT_S = 5.0
 # A claim nobody answered: the message comes back after this long.
 NAK_DELAY_S = 1.0
+# How many granted jobs a runner remembers (one at a time: far more than can be in doubt).
+GRANTED_KEPT = 1000
 
 
 class Worker:
@@ -57,6 +60,10 @@ class Worker:
         self._current: StopRequest | None = None
         self._drain_timer: asyncio.TimerHandle | None = None
         self._deadline_passed = False
+        # (build_id, attempt) of the jobs this process was granted, newest last: a copy of
+        # one of their dispatch messages (an ack lost in a NATS failover) is dropped, never
+        # claimed, because the scheduler grants the same runner process its job again.
+        self._granted: OrderedDict[tuple[int, int], None] = OrderedDict()
         self._drain_why = ""
         self.jobs_run = 0
         self._subs: list[JetStreamContext.PullSubscription] = []
@@ -150,6 +157,13 @@ class Worker:
             await msg.term()
             return
 
+        if (job.build_id, job.attempt) in self._granted:
+            log.info(
+                "dispatch copy of a job already granted; dropped", extra={"build_id": job.build_id}
+            )
+            await _quietly(msg.ack(), "ack")
+            return
+
         stop = StopRequest()
         # Listen for a cancel before claiming, so one sent right after the grant is heard.
         cancel_sub = await self._nc.subscribe(
@@ -169,6 +183,9 @@ class Worker:
             await _quietly(msg.ack(), "ack")
             if not granted:
                 return
+            self._granted[(job.build_id, job.attempt)] = None
+            while len(self._granted) > GRANTED_KEPT:
+                self._granted.popitem(last=False)
             await self._run_claimed(job, stop)
         finally:
             await _quietly(cancel_sub.unsubscribe(), "unsubscribe")

@@ -133,6 +133,11 @@ class Machine:
         rec = self.jobs.get(build_id)
         if rec is None:
             return refused(self._gone(build_id)), []
+        if self._asks_again(rec, request):
+            # The same runner process asks again for the job it was granted: it never heard
+            # the grant (the leader that gave it died before answering), and a runner never
+            # claims a job it has started. Granted again; nothing changes.
+            return {"granted": True, "reason": None}, []
         if rec.status != Status.IN_PROGRESS or rec.runner_id is not None:
             return refused("taken"), []
         if int(request["attempt"]) != rec.attempt:
@@ -274,6 +279,17 @@ class Machine:
             rec.no_runner_since = None
         elif rec.no_runner_since is None:
             rec.no_runner_since = now
+
+    @staticmethod
+    def _asks_again(rec: JobRecord, request: dict[str, Any]) -> bool:
+        started_at = request.get("runner_started_at")
+        return (
+            rec.status == Status.WORKING
+            and rec.runner_id == request["runner_id"]
+            and rec.attempt == int(request["attempt"])
+            and started_at is not None
+            and rec.runner_started_at == started_at
+        )
 
     def _runner_lost(self, rec: JobRecord, now: float) -> bool:
         info = self.runners.get(rec.runner_id or "")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 
 from nats.aio.client import Client
 from nats.js import JetStreamContext
@@ -41,17 +42,27 @@ class PerformError(Exception):
 
 class Outbox:
     def __init__(
-        self, settings: Settings, nc: Client, js: JetStreamContext, store: JobStore
+        self,
+        settings: Settings,
+        nc: Client,
+        js: JetStreamContext,
+        store: JobStore,
+        fence: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.nc = nc
         self.js = js
         self.store = store
+        # Raises (leader.NotLeader) once this process no longer holds the leader lease;
+        # checked before every effect, so a deposed leader stops writing at once.
+        self.fence = fence
         self._consumers: set[tuple[str, str]] = set()
 
     async def perform(self, effects: list[Effect], machine: Machine) -> None:
         for done, effect in enumerate(effects):
             try:
+                if self.fence is not None:
+                    self.fence()
                 await self._one(effect, machine)
             except Exception as exc:
                 raise PerformError(done, exc) from exc

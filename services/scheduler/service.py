@@ -3,6 +3,9 @@
 Every input (submission, claim, report, cancel, timer, registry sweep) takes one lock,
 asks the machine for its decision and performs the effects before the next input is
 looked at, so the state in memory, in KV and on the event stream move together.
+
+Several schedulers may run: only the holder of the leader lease (`leader.Lease`) takes
+inputs; the others wait as standbys and take over, from the state in KV, when it ends.
 """
 
 from __future__ import annotations
@@ -19,14 +22,16 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig
 from nats.js.errors import NotFoundError
 
 from services.common import bus, codec, schemas
 from services.common.config import Settings
 from services.common.metrics import REJECTED, serve_metrics
-from services.scheduler.effects import Effect
+from services.scheduler.effects import Effect, PublishEvent
+from services.scheduler.leader import Lease, NotLeader
 from services.scheduler.machine import Limits, Machine
-from services.scheduler.metrics import ADMITTED, CLAIMS
+from services.scheduler.metrics import ADMITTED, CLAIMS, LEADER, TAKEOVERS
 from services.scheduler.outbox import Outbox, PerformError
 from services.scheduler.runners import read_registry
 from services.scheduler.store import JobStore
@@ -41,6 +46,9 @@ COMPACT_S = 30.0
 PURGE_TOMBSTONES_S = 600.0
 FETCH_TIMEOUT_S = 1.0
 STOP_DEADLINE_S = 8.0
+# Submissions and reports a leader fetched but never acked (it died) come back to the next
+# leader after this; handling one takes milliseconds.
+INPUT_ACK_WAIT_S = 10.0
 
 
 class Scheduler:
@@ -52,6 +60,7 @@ class Scheduler:
         sched_kv: Any,
         runners_kv: Any,
         clock: Callable[[], float] = time.time,
+        lease: Lease | None = None,
     ) -> None:
         self.settings = settings
         self.nc = nc
@@ -61,28 +70,41 @@ class Scheduler:
         self.limits = Limits.from_settings(settings)
         self.machine = Machine(self.limits)
         self.store = JobStore(sched_kv)
-        self.outbox = Outbox(settings, nc, js, self.store)
+        self.lease = lease
+        self.outbox = Outbox(settings, nc, js, self.store, lease.check if lease else None)
         self.lock = asyncio.Lock()
         self.stopping = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
         self._pulls: list[Any] = []
+        self._subs: list[Any] = []
         self._needs_reload = False
 
     # --- life -----------------------------------------------------------------------------
     async def start(self) -> None:
+        """Begin acting (as the leader): take over the stored state, then take inputs."""
         s = self.settings.subjects
+        self.stopping = asyncio.Event()
         self.machine.runners = await read_registry(self.runners_kv)
         async with self.lock:
             await self._reload()
+        # (pull_subscribe fills the config in: one each.)
         submit = await self.js.pull_subscribe(
-            s.submit, durable=SUBMIT_CONSUMER, stream=s.submit_stream
+            s.submit,
+            durable=SUBMIT_CONSUMER,
+            stream=s.submit_stream,
+            config=ConsumerConfig(ack_wait=INPUT_ACK_WAIT_S),
         )
         reports = await self.js.pull_subscribe(
-            s.reports_all, durable=REPORTS_CONSUMER, stream=s.reports_stream
+            s.reports_all,
+            durable=REPORTS_CONSUMER,
+            stream=s.reports_stream,
+            config=ConsumerConfig(ack_wait=INPUT_ACK_WAIT_S),
         )
         self._pulls = [submit, reports]
-        await self.nc.subscribe(s.claim, cb=self._on_claim)
-        await self.nc.subscribe(s.control_cancel, cb=self._on_cancel)
+        self._subs = [
+            await self.nc.subscribe(s.claim, cb=self._on_claim),
+            await self.nc.subscribe(s.control_cancel, cb=self._on_cancel),
+        ]
         self.tasks = [
             asyncio.create_task(self._pull_loop(submit, self._on_submission), name="submissions"),
             asyncio.create_task(self._pull_loop(reports, self._on_report), name="reports"),
@@ -91,19 +113,29 @@ class Scheduler:
         ]
         log.info("scheduler started", extra={"active_jobs": len(self.machine.jobs)})
 
-    async def stop(self) -> None:
-        """Stop taking work, let the in-flight input finish its writes, drain NATS."""
+    async def stand_down(self) -> None:
+        """Stop taking inputs and let the one in flight finish (or be fenced off); the
+        connection stays, for a standby that may lead again later."""
         self.stopping.set()
-        _, pending = await asyncio.wait(self.tasks, timeout=STOP_DEADLINE_S / 2)
-        for task in pending:
-            task.cancel()
+        if self.tasks:
+            _, pending = await asyncio.wait(self.tasks, timeout=STOP_DEADLINE_S / 2)
+            for task in pending:
+                task.cancel()
+        self.tasks = []
         async with self.lock:
-            pass  # whoever held it has finished performing its effects
+            # Whoever held it has finished performing its effects. Next time we lead, the
+            # state is read from KV again: another leader may have changed it.
+            self._needs_reload = True
         # A pull subscription may hold a late reply to its last fetch that nobody will
         # read; draining would wait for it forever. Unacked messages come back anyway.
-        for sub in self._pulls:
+        for sub in [*self._pulls, *self._subs]:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+        self._pulls, self._subs = [], []
+
+    async def stop(self) -> None:
+        """Stop taking work, let the in-flight input finish its writes, drain NATS."""
+        await self.stand_down()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.nc.drain(), STOP_DEADLINE_S / 2)
         log.info("scheduler stopped")
@@ -118,7 +150,10 @@ class Scheduler:
         try:
             await self.outbox.perform(effects, self.machine)
         except PerformError as exc:
-            log.error("effect failed; state will be reloaded", exc_info=exc.__cause__)
+            if isinstance(exc.__cause__, NotLeader):
+                log.warning("write refused: no longer the leader", extra={"done": exc.done})
+            else:
+                log.error("effect failed; state will be reloaded", exc_info=exc.__cause__)
             self._needs_reload = True
             return exc.done
         return len(effects)
@@ -231,7 +266,7 @@ class Scheduler:
                 return  # no answer: the runner naks the message and asks again
             reply, effects = self.machine.claim(request, self.clock())
             done = await self._perform(effects)
-        if reply["granted"] and done == 0:
+        if reply["granted"] and effects and done == 0:
             # The assignment never reached KV: the runner must not start, and must not drop
             # the message either (a refusal would), so it hears nothing and asks again.
             return
@@ -293,7 +328,22 @@ class Scheduler:
 
     async def sweep_registry(self) -> None:
         runners = await read_registry(self.runners_kv)
-        await self._decide(lambda now: self.machine.observe_runners(runners, now))
+
+        def observe(now: float) -> list[Effect]:
+            effects = self.machine.observe_runners(runners, now)
+            for effect in effects:
+                if isinstance(effect, PublishEvent) and effect.payload["reason"] == "runner-lost":
+                    log.warning(
+                        "runner lost",
+                        extra={
+                            "build_id": effect.build_id,
+                            "runner_id": effect.payload["runner_id"],
+                            "registry": ",".join(sorted(runners)),
+                        },
+                    )
+            return effects
+
+        await self._decide(observe)
 
     async def compact(self) -> None:
         floor = await self._submit_ack_floor()
@@ -303,32 +353,88 @@ class Scheduler:
 async def run(
     settings: Settings, metrics_port: int | None, stop: asyncio.Event | None = None
 ) -> None:
-    """`xoogify scheduler`: run until SIGTERM/SIGINT (or until `stop` is set, for tests)."""
+    """`xoogify scheduler`: run until SIGTERM/SIGINT (or until `stop` is set, for tests).
+
+    Standby until this process holds the leader lease, lead until it is lost, standby
+    again; on stop, finish the input in flight, then release the lease so a standby takes
+    over at once rather than after the TTL.
+    """
     nc = await bus.connect(settings, "scheduler")
     js = nc.jetstream()
     s = settings.subjects
+    replicas = settings.stream_replicas
     await bus.ensure_streams(js, settings)
-    sched_kv = await bus.ensure_kv(js, s.sched_bucket)
-    runners_kv = await bus.ensure_kv(js, s.runners_bucket, ttl=3 * settings.heartbeat_s)
-    scheduler = Scheduler(settings, nc, js, sched_kv, runners_kv)
+    sched_kv = await bus.ensure_kv(js, s.sched_bucket, replicas=replicas)
+    runners_kv = await bus.ensure_kv(
+        js, s.runners_bucket, ttl=3 * settings.heartbeat_s, replicas=replicas
+    )
+    leader_kv = await bus.ensure_kv(
+        js, s.leader_bucket, ttl=settings.leader_ttl_s, replicas=replicas
+    )
+    # The bucket's TTL is the lease's, whatever this process was configured with.
+    ttl = (await leader_kv.status()).ttl or settings.leader_ttl_s
+    lease = Lease(leader_kv, ttl)
+    scheduler = Scheduler(settings, nc, js, sched_kv, runners_kv, lease=lease)
     if stop is None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-    await scheduler.start()
-    server = await serve_metrics(metrics_port, scheduler.healthy) if metrics_port else None
-    stopper = asyncio.create_task(stop.wait())
-    try:
-        # A side task that ends before we are asked to stop is a bug: stop loudly.
-        done, _ = await asyncio.wait(
-            [stopper, *scheduler.tasks], return_when=asyncio.FIRST_COMPLETED
+    server = None
+    if metrics_port:
+        server = await serve_metrics(
+            metrics_port,
+            scheduler.healthy,
+            details=lambda: {"leader": lease.held(), "holder": lease.holder},
         )
-        for task in done:
-            if task is not stopper and task.exception() is not None:
-                raise RuntimeError(f"scheduler task {task.get_name()} died") from task.exception()
+    log.info("scheduler standby", extra={"holder": lease.holder, "lease_ttl_s": ttl})
+    try:
+        while await lease.acquire(stop):
+            LEADER.set(1)
+            TAKEOVERS.inc()
+            log.info("scheduler leads", extra={"holder": lease.holder, "lease": lease.revision})
+            await _lead(scheduler, lease, stop)
+            LEADER.set(0)
+            await scheduler.stand_down()
+            if stop.is_set():
+                break
+            log.warning("scheduler lease lost; standby", extra={"holder": lease.holder})
     finally:
-        stopper.cancel()
+        LEADER.set(0)
+        await scheduler.stand_down()
+        await lease.release()
         await scheduler.stop()
         if server is not None:
             server.close()
+
+
+async def _lead(scheduler: Scheduler, lease: Lease, stop: asyncio.Event) -> None:
+    """One term: until stop is set or the lease is lost. The lease is renewed from the
+    start (taking over the state may take seconds while NATS fails over); a term that
+    cannot start ends, and the lease is competed for again; a side task that ends first
+    is a bug."""
+    holder = asyncio.create_task(lease.hold(stop), name="lease")
+    stopper = asyncio.create_task(stop.wait(), name="stop")
+    try:
+        try:
+            await scheduler.start()
+        except Exception:
+            log.exception("scheduler could not start leading")
+            holder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await holder  # no renew may land after the release
+            await lease.release()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), lease.times.poll_every_s)
+            return
+        done, _ = await asyncio.wait(
+            [stopper, holder, *scheduler.tasks], return_when=asyncio.FIRST_COMPLETED
+        )
+        for task in done:
+            if task not in (stopper, holder) and task.exception() is not None:
+                raise RuntimeError(f"scheduler task {task.get_name()} died") from task.exception()
+    finally:
+        stopper.cancel()
+        holder.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await holder  # a renew in flight would make the release miss its revision

@@ -150,6 +150,24 @@ def test_double_claim_refused() -> None:
     assert not reply["granted"]
 
 
+def test_same_runner_process_asking_again_is_granted_again() -> None:
+    """A leader that stored the grant died before answering: the runner (which never
+    claims a job it started) asks the next leader, and gets the same job back."""
+    m = machine()
+    m.admit(1, submission(), T0)
+    me = {"build_id": 1, "runner_id": "r1", "attempt": 1, "runner_started_at": iso(T0 - 60)}
+    assert m.claim(me, T0)[0]["granted"]
+    reply, effects = m.claim(me, T0 + 5)
+    assert reply == {"granted": True, "reason": None} and effects == []
+    # Another process under the same runner_id, or another attempt: not the one granted.
+    restarted = {**me, "runner_started_at": iso(T0 - 1)}
+    assert m.claim(restarted, T0 + 5)[0] == {"granted": False, "reason": "taken"}
+    assert m.claim({**me, "attempt": 2}, T0 + 5)[0]["granted"] is False
+    # Once it is final, nobody gets it.
+    finished(m, 1, exit_code=0)
+    assert m.claim(me, T0 + 6)[0] == {"granted": False, "reason": "final"}
+
+
 def test_claim_refusals() -> None:
     m = machine()
     m.admit(1, submission(), T0)
