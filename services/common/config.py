@@ -73,6 +73,9 @@ class Settings:
     # Scheduler leader lease (issue 8): a standby takes over this long after the leader
     # stops renewing; the leader renews three times per TTL.
     leader_ttl_s: float = 6.0
+    # Where the scheduler's and runners' /metrics and /healthz listen: loopback unless a
+    # scraper on another host (or container) must reach them.
+    metrics_host: str = "127.0.0.1"
 
     @property
     def nats_servers(self) -> list[str]:
@@ -104,4 +107,5 @@ class Settings:
             state_key=env.get("XOOGIFY_STATE_KEY") or "",
             stream_replicas=_int(env, "XOOGIFY_STREAM_REPLICAS", 1),
             leader_ttl_s=_float(env, "XOOGIFY_LEADER_TTL_S", 6.0),
+            metrics_host=env.get("XOOGIFY_METRICS_HOST") or "127.0.0.1",
         )

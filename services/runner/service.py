@@ -188,7 +188,9 @@ async def run(
         loop.add_signal_handler(sig, service.stop)
     metrics = None
     if metrics_port is not None:
-        metrics = await serve_metrics(metrics_port, lambda: service.healthy)
+        metrics = await serve_metrics(
+            metrics_port, lambda: service.healthy, host=settings.metrics_host
+        )
     try:
         await service.serve()
     finally:

@@ -386,6 +386,7 @@ async def run(
             metrics_port,
             scheduler.healthy,
             details=lambda: {"leader": lease.held(), "holder": lease.holder},
+            host=settings.metrics_host,
         )
     log.info("scheduler standby", extra={"holder": lease.holder, "lease_ttl_s": ttl})
     try:
