@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from services.common import codec, state_auth
+from services.common.filters import invalid_values
 from services.common.status import MUTATING_ACTIONS, is_final
 from services.common.timefmt import format_time
 from services.gateway.context import GatewayContext, context_of
@@ -222,6 +223,10 @@ async def dispatch(request: Request) -> Response:
 
 
 async def versions(request: Request) -> Response:
+    # A path no workspace can have is bad input, not an empty history.
+    bad = invalid_values(request.path_params)
+    if bad:
+        return error_response(422, "invalid workspace", fields=bad)
     rows = await context_of(request).pool.fetch(
         "SELECT version, build_id, created_at, size FROM terraform_states"
         " WHERE organization = $1 AND environment = $2 AND module_name = $3"

@@ -7,7 +7,6 @@ delivery is signed with it, and is never returned.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -17,13 +16,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from services.common import schemas
+from services.common.filters import invalid_values
 from services.common.timefmt import format_time
 from services.gateway.context import context_of
 from services.gateway.errors import ApiError, json_body
 
 MAX_BODY = 16 * 1024
 MAX_LIMIT = 500
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _WEBHOOK_FIELDS = "id, organization, url, statuses, created_at"
 _DELIVERY_FIELDS = (
     "id, webhook_id, event_id, build_id, seq, status, attempts, last_status_code,"
@@ -90,8 +89,9 @@ async def create_webhook(request: Request) -> Response:
 
 async def list_webhooks(request: Request) -> Response:
     organization = request.query_params.get("organization") or None
-    if organization is not None and not _NAME.match(organization):
-        raise ApiError(422, "invalid organization", fields={"organization": "not a valid name"})
+    bad = invalid_values({"organization": organization})
+    if bad:
+        raise ApiError(422, "invalid organization", fields=bad)
     rows = await _pool(request).fetch(
         f"SELECT {_WEBHOOK_FIELDS} FROM webhooks"
         " WHERE ($1::text IS NULL OR organization = $1) ORDER BY id",
