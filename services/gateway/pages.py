@@ -47,7 +47,8 @@ def _filter_values(request: Request) -> dict[str, str]:
 
 def _int_param(request: Request, name: str) -> int | None:
     value = request.query_params.get(name, "")
-    return int(value) if value.isdigit() else None
+    # isdigit alone takes "²", which int() refuses.
+    return int(value) if value.isascii() and value.isdigit() else None
 
 
 def first_log_part(data: str) -> str:

@@ -90,7 +90,7 @@ async def _capped_body(request: Request, limit: int) -> bytes | None:
     """The body, or None once it is over `limit`: an oversized state is refused without
     being held in memory first."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:
         return None
     chunks: list[bytes] = []
     size = 0

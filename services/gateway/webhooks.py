@@ -113,7 +113,8 @@ async def delete_webhook(request: Request) -> Response:
 async def list_deliveries(request: Request) -> Response:
     webhook_id = _webhook_id(request)
     raw_limit = request.query_params.get("limit") or "100"
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIMIT:
+    # isdigit alone takes "²", which int() refuses (that was a 500).
+    if not (raw_limit.isascii() and raw_limit.isdigit()) or not 1 <= int(raw_limit) <= MAX_LIMIT:
         raise ApiError(422, "limit out of range", fields={"limit": f"must be 1..{MAX_LIMIT}"})
     pool = _pool(request)
     if await pool.fetchval("SELECT 1 FROM webhooks WHERE id = $1", webhook_id) is None:

@@ -13,6 +13,7 @@ covered by tests/integration/test_terraform_backend.py.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -23,8 +24,8 @@ from tests.stack import Stack
 from tests.support import auth_headers, eventually
 
 # Bounds the run to about a minute on the 2-core CI machine.
-MAX_EXAMPLES = 40
-RUN_TIMEOUT_S = 240
+MAX_EXAMPLES = int(os.environ.get("XOOGIFY_FUZZ_EXAMPLES", "40"))
+RUN_TIMEOUT_S = int(os.environ.get("XOOGIFY_FUZZ_TIMEOUT_S", "240"))
 CHECKS = ",".join(
     [
         "not_a_server_error",
@@ -66,7 +67,7 @@ async def test_fuzzed_requests_get_no_5xx_and_documented_answers(
         "--max-examples",
         str(MAX_EXAMPLES),
         "--seed",
-        "6",
+        os.environ.get("XOOGIFY_FUZZ_SEED", "6"),
         "--workers",
         "1",
         "--request-timeout",

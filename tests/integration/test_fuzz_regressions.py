@@ -58,6 +58,12 @@ async def test_bad_input_gets_4xx_naming_the_field(settings: Settings) -> None:
         assert (await http.get("/api/state/acme/stg/net/versions")).json() == {"items": []}
         # The page's own query must not fail on a NUL either.
         assert (await http.get("/", params={"q": "\x00"})).status_code == 200
+        # "²".isdigit() is true but int("²") fails: these were 500s.
+        hook = {"organization": "acme", "url": "http://h/", "statuses": ["SUCCESS"]}
+        created = await http.post("/api/webhooks", json=hook | {"secret": "0123456789"})
+        r = await http.get(f"/api/webhooks/{created.json()['id']}/deliveries?limit=²")
+        assert "limit" in error_fields(r, 422)
+        assert (await http.get("/", params={"before": "²"})).status_code == 200
 
 
 async def test_nul_in_a_submission_or_webhook_is_refused(settings: Settings) -> None:
