@@ -59,10 +59,14 @@ def validate_create(body: Any) -> dict[str, Any]:
     except schemas.SchemaError as exc:
         fields = exc.fields()
         if "secret" in fields:
-            fields["secret"] = "must be 8..256 characters"  # never echo the secret back
+            # Never echo the secret back.
+            fields["secret"] = "must be 8..256 characters, without NUL"
         raise ApiError(422, "invalid webhook", fields=fields) from None
-    url = urlsplit(body["url"])
-    if url.scheme.lower() not in ("http", "https") or not url.hostname:
+    try:
+        url = urlsplit(body["url"])
+    except ValueError:  # e.g. an unbalanced "[" in the host: "Invalid IPv6 URL" (was a 500)
+        url = None
+    if url is None or url.scheme.lower() not in ("http", "https") or not url.hostname:
         raise ApiError(422, "invalid webhook", fields={"url": "must be an http(s) URL"})
     return dict(body)
 
