@@ -13,6 +13,7 @@ import base64
 import binascii
 from typing import Any
 
+import asyncpg
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -146,9 +147,12 @@ async def state(request: Request) -> Response:
                 413, code="too-large", message=f"state over {MAX_STATE_BYTES} bytes"
             )
         try:
-            codec.loads(body)
+            parsed = codec.loads(body)
         except ValueError:
             return error_response(400, code="invalid", message="state is not JSON")
+        if not isinstance(parsed, dict):
+            # A state is an object; anything else stored would be served back to Terraform.
+            return error_response(400, code="invalid", message="state is not a JSON object")
         data: bytes | None = body
     else:  # DELETE keeps the history: a version without data.
         data = None
@@ -176,7 +180,19 @@ async def lock(request: Request) -> Response:
         info = codec.loads(raw) if raw else {}
     except ValueError:
         return error_response(400, code="invalid", message="lock info is not JSON")
-    lock_id = str(info.get("ID", "")) if isinstance(info, dict) else ""
+    if not isinstance(info, dict):
+        return error_response(400, code="invalid", message="lock info is not a JSON object")
+    lock_id = str(info.get("ID", ""))
+    try:
+        return await _take_lock(ctx, ws, build_id, lock_id, info)
+    except asyncpg.DataError:
+        # A "\u0000" in it: Postgres text and jsonb cannot hold one (that was a 500).
+        return error_response(400, code="invalid", message="lock info cannot be stored")
+
+
+async def _take_lock(
+    ctx: GatewayContext, ws: tuple[str, str, str], build_id: int, lock_id: str, info: Any
+) -> Response:
     async with ctx.pool.acquire() as conn, conn.transaction():
         # Serialise lockers of one workspace; a stale lock (its job ended) is replaced.
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", "/".join(("tfstate", *ws)))

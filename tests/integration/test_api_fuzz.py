@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 
+from services.common import state_auth
 from services.common.config import Settings
 from tests.stack import Stack
 from tests.support import auth_headers, eventually
@@ -38,30 +39,30 @@ CHECKS = ",".join(
 )
 
 
-async def test_fuzzed_requests_get_no_5xx_and_documented_answers(
-    settings: Settings, stack: Stack, tmp_path: Path
-) -> None:
+async def start(settings: Settings, stack: Stack) -> None:
+    """Gateway and scheduler up, and the scheduler answering (until it has loaded its
+    state a cancel is a documented 503, which the fuzzer would count as a 5xx)."""
     await stack.start_gateway()
     await stack.start_scheduler()
     async with httpx.AsyncClient(
         base_url=stack.url, headers=auth_headers(settings), timeout=10
     ) as http:
-        assert (await http.get("/api/openapi.json")).status_code == 200
 
         async def scheduler_answers() -> bool:
-            # Until the scheduler has loaded its state a cancel is a (documented) 503.
             return (await http.post("/api/jobs/999999/cancel")).status_code == 404
 
         await eventually(scheduler_answers, timeout=30)
-    headers = [
-        arg for name, value in auth_headers(settings).items() for arg in ("-H", f"{name}: {value}")
-    ]
+
+
+async def schemathesis(url: str, tmp_path: Path, *args: str) -> str:
+    """Run the schemathesis CLI against the gateway at `url`; its output, failing the test
+    unless every check passed."""
     command = [
         sys.executable,
         "-m",
         "schemathesis.cli",
         "run",
-        f"{stack.url}/api/openapi.json",
+        f"{url}/api/openapi.json",
         "--checks",
         CHECKS,
         "--max-examples",
@@ -72,20 +73,88 @@ async def test_fuzzed_requests_get_no_5xx_and_documented_answers(
         "1",
         "--request-timeout",
         "10",
-        "--report",
-        "junit",
-        "--report-dir",
-        str(tmp_path / "report"),
-        *headers,
+        *args,
     ]
     proc = await asyncio.create_subprocess_exec(
-        *command,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        cwd=tmp_path,
+        *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=tmp_path
     )
-    async with asyncio.timeout(RUN_TIMEOUT_S):
-        out, _ = await proc.communicate()
+    try:
+        async with asyncio.timeout(RUN_TIMEOUT_S):
+            out, _ = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
     text = out.decode(errors="replace")
-    print(text)
     assert proc.returncode == 0, text
+    return text
+
+
+def header_args(settings: Settings) -> list[str]:
+    return [
+        arg for name, value in auth_headers(settings).items() for arg in ("-H", f"{name}: {value}")
+    ]
+
+
+async def test_fuzzed_requests_get_no_5xx_and_documented_answers(
+    settings: Settings, stack: Stack, tmp_path: Path
+) -> None:
+    await start(settings, stack)
+    out = await schemathesis(stack.url, tmp_path, *header_args(settings))
+    # Every documented operation was tried.
+    assert "17 selected / 17 total" in out and "Tested: 17" in out
+
+
+async def test_fuzzed_state_backend_with_a_jobs_credentials(
+    settings: Settings, stack: Stack, tmp_path: Path
+) -> None:
+    """The state backend answers only a running job's credentials for its workspace, so the
+    first run sees 401s only: here the fuzzer gets an APPLY's credentials and the path of
+    its workspace, and reaches reading, writing and deleting the state."""
+    await start(settings, stack)
+    async with httpx.AsyncClient(
+        base_url=stack.url, headers=auth_headers(settings), timeout=10
+    ) as http:
+        job = (await http.post("/api/jobs", json=APPLY)).json()
+
+        async def stored() -> bool:
+            return (await http.get(f"/api/jobs/{job['build_id']}")).status_code == 200
+
+        await eventually(stored, timeout=30)
+    creds = state_auth.issue(
+        settings.state_secret, stack.url, job["build_id"], "acme", "stg", "network"
+    )
+    (tmp_path / "schemathesis.toml").write_text(STATE_CONFIG)
+    out = await schemathesis(
+        stack.url,
+        tmp_path,
+        "--include-path-regex",
+        "^/api/state/",
+        "--auth",
+        f"{creds.username}:{creds.password}",
+    )
+    assert "Tested: 4" in out
+    async with httpx.AsyncClient(
+        base_url=stack.url, headers=auth_headers(settings), timeout=10
+    ) as http:
+        versions = (await http.get("/api/state/acme/stg/network/versions")).json()["items"]
+    # The fuzzer's valid states were stored (it got past the credentials).
+    assert versions and all(v["build_id"] == job["build_id"] for v in versions)
+
+
+APPLY = {
+    "organization": "acme",
+    "environment": "stg",
+    "module_type": "amd64/terraform",
+    "module_name": "network",
+    "action": "APPLY-AUTO",
+}
+# The workspace the credentials are for; everything else is generated.
+STATE_CONFIG = """
+[[operations]]
+include-path-regex = "^/api/state/"
+[operations.parameters]
+"path.organization" = "acme"
+"path.environment" = "stg"
+"path.module_name" = "network"
+"""

@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg
 import httpx
 
-from services.common import codec
+from services.common import codec, state_auth
 from services.common.config import Settings
 from tests.integration.ws_support import job_event, publisher, serve_gateway
 from tests.support import auth_headers, eventually
@@ -130,3 +130,29 @@ async def test_a_message_postgres_cannot_store_is_rejected_not_retried_forever(
     )
     assert all(r["error"].startswith("not storable") for r in rejected)
     assert codec.loads(next(r["payload"] for r in rejected if "log" in r["subject"]))["offset"] == 0
+
+
+async def test_state_backend_refuses_what_it_cannot_serve_back(settings: Settings) -> None:
+    """A state that is not a JSON object was stored and served back to Terraform (the
+    document says an object); lock info with a NUL was a 500."""
+    apply = {"module_name": "network", "action": "APPLY-AUTO", "module_type": "amd64/terraform"}
+    async with publisher(settings) as pub, serve_gateway(settings) as gw:
+        await pub.event(job_event(1, 1, **apply))
+        creds = state_auth.issue(settings.state_secret, gw.url, 1, "acme", "stg", "network")
+        async with httpx.AsyncClient(
+            base_url=gw.url, auth=(creds.username, creds.password)
+        ) as http:
+            path = "/api/state/acme/stg/network"
+
+            async def known() -> bool:
+                return (await http.get(path)).status_code != 503  # until the job is stored
+
+            await eventually(known, timeout=15)
+            assert (await http.post(path, json=[None, None])).status_code == 400
+            assert (await http.get(path)).status_code == 204  # nothing was stored
+            assert (await http.request("LOCK", path, json=[1])).status_code == 400
+            r = await http.request("LOCK", path, json={"ID": "a\x00b"})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "invalid"
+            assert (await http.request("LOCK", path, json={"ID": "ok"})).status_code == 200
+            assert (await http.post(path + "?ID=ok", json={"version": 4})).status_code == 200
+            assert (await http.get(path)).json() == {"version": 4}
