@@ -16,6 +16,7 @@ from services.common.status import ACTIONS, Status
 
 MAX_MESSAGE = 16 * 1024
 MAX_Q = 200
+MAX_INT = 2**63 - 1
 
 _FILTER_KEYS = {
     "organization",
@@ -54,9 +55,10 @@ ClientMessage = FilterMsg | FollowLogsMsg | UnfollowLogsMsg
 
 
 def _int(value: Any, name: str, minimum: int) -> int:
-    # bool is an int in Python; JSON true is not a sequence number.
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ClientMessageError(f"{name} must be an integer >= {minimum}")
+    # bool is an int in Python; JSON true is not a sequence number. Past int64 nothing
+    # can match (Postgres bigint), and asking Postgres would fail rather than say so.
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= MAX_INT:
+        raise ClientMessageError(f"{name} must be an integer {minimum}..{MAX_INT}")
     return value
 
 
