@@ -1,7 +1,8 @@
 """The scheduler's decisions under random interleavings (hypothesis stateful testing):
 submissions and their redeliveries, claims (stale, duplicate, from any runner), reports
 (duplicate, late, from the wrong runner), cancels, runners coming, going, draining and
-restarting, timers, scheduler restarts from the stored records, and compaction.
+restarting, timers, scheduler restarts from the stored records (also in the middle of
+performing a decision's effects), and compaction.
 
 Whatever the order, the effects the machine asks for must keep the contract: every event
 is the next `seq` of its job and a transition the status machine allows, each job ends
@@ -68,6 +69,10 @@ outcomes = st.sampled_from(
 steps = st.sampled_from([0.0, 0.5, 1.0, 2.5, 6.0, 20.0, 120.0, 400.0, 1000.0])
 
 
+def runner_id_of(build_id: int) -> str:
+    return RUNNER_IDS[build_id % len(RUNNER_IDS)]
+
+
 class SchedulerMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -109,13 +114,14 @@ class SchedulerMachine(RuleBasedStateMachine):
         # Saved before published: a crash in between is repaired by reload.
         assert self.kv[build_id]["job"]["seq"] == seq, "event published before its record"
         prev = self.last_event.get(build_id)
-        if effect.repair:
-            # A restarted scheduler republishes the current event (same Nats-Msg-Id).
-            assert prev is not None and prev["event_id"] == event["event_id"]
+        if effect.repair and prev is not None and prev["seq"] == seq:
+            # A restarted scheduler republishes the current event; the stream already has
+            # it (same Nats-Msg-Id), so it must be the very same event.
             assert {k: v for k, v in prev.items() if k != "variables"} == {
                 k: v for k, v in event.items() if k != "variables"
             }
             return
+        # Otherwise a new event: also a repair of one a crash kept from being published.
         if prev is None:
             assert seq == 1 and event["status"] == Status.IN_PROGRESS
         else:
@@ -342,6 +348,31 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.m = fresh
         self.dispatched_this_life = set()
         self.perform(fresh.load(records, self.next_id - 1, self.now))
+
+    @rule(
+        what=st.sampled_from(["tick", "cancel", "finish", "runner lost"]),
+        build_id=build_ids,
+        step=steps,
+        cut=st.integers(min_value=0, max_value=12),
+    )
+    def crash_midway(self, what: str, build_id: int, step: float, cut: int) -> None:
+        """The scheduler dies after performing only the first `cut` effects of a decision;
+        the next one must repair whatever was left half done."""
+        self.now += step
+        if what == "tick":
+            effects = self.m.tick(self.now)
+        elif what == "cancel":
+            effects = self.m.cancel({"build_id": build_id}, self.now)[1]
+        elif what == "finish":
+            runner_id = self._running_on(build_id) or "r1"
+            report = {"build_id": build_id, "runner_id": runner_id, "type": "finished"}
+            effects = self.m.report(report | {"at": iso(self.now), "exit_code": 0}, self.now)
+        else:
+            self.runners.pop(runner_id_of(build_id), None)
+            effects = self.m.observe_runners(self.runners, self.now)
+        hypothesis.event(f"crash after {min(cut, len(effects))} of {len(effects)} effects")
+        self.perform(effects[:cut])
+        self.scheduler_restarts()
 
     @rule()
     def compact(self) -> None:
