@@ -8,6 +8,9 @@ event loop do not mix with pytest-asyncio, and a subprocess keeps its warnings o
 `filterwarnings = error`. Terraform's LOCK/UNLOCK are not OpenAPI methods (the document
 names them under `x-xoogify-extra-methods`), so the tool cannot send them; they are
 covered by tests/integration/test_terraform_backend.py.
+
+The fuzzer registers webhooks to URLs it makes up; the gateway under test sends every
+delivery to a closed local proxy port instead, so nothing leaves this machine.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import httpx
 
 from services.common import state_auth
 from services.common.config import Settings
+from services.common.embedded import free_port
 from tests.stack import Stack
 from tests.support import auth_headers, eventually
 
@@ -52,10 +56,21 @@ CHECKS = ",".join(
 )
 
 
+def no_way_out() -> dict[str, str]:
+    """Environment that sends the gateway's webhook deliveries to a closed local port: the
+    fuzzer registers webhooks to whatever URLs it makes up, and this machine must not try
+    to reach them (httpx sends every http(s) request through the proxy named here)."""
+    closed = f"http://127.0.0.1:{free_port()}"
+    names = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
+    # Both spellings: the lower-case one wins where both are set.
+    env = {n: closed for name in names for n in (name, name.lower())}
+    return env | {"NO_PROXY": "", "no_proxy": ""}
+
+
 async def start(settings: Settings, stack: Stack) -> None:
     """Gateway and scheduler up, and the scheduler answering (until it has loaded its
     state a cancel is a documented 503, which the fuzzer would count as a 5xx)."""
-    await stack.start_gateway()
+    await stack.start_gateway(**no_way_out())
     await stack.start_scheduler()
     async with httpx.AsyncClient(
         base_url=stack.url, headers=auth_headers(settings), timeout=10
@@ -172,3 +187,41 @@ include-path-regex = "^/api/state/"
 "path.environment" = "stg"
 "path.module_name" = "network"
 """
+
+
+async def test_webhooks_of_the_gateway_under_fuzz_reach_nothing(
+    settings: Settings, stack: Stack
+) -> None:
+    """The guard itself: a webhook to a listening address gets no request, the delivery
+    fails at the closed proxy port."""
+    reached: list[bool] = []
+
+    async def listener(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        reached.append(True)
+        writer.close()
+
+    server = await asyncio.start_server(listener, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        await start(settings, stack)
+        async with httpx.AsyncClient(
+            base_url=stack.url, headers=auth_headers(settings), timeout=10
+        ) as http:
+            hook = {
+                "organization": "acme",
+                "url": f"http://127.0.0.1:{port}/hook",
+                "statuses": ["IN-PROGRESS"],
+                "secret": "0123456789",
+            }
+            webhook = (await http.post("/api/webhooks", json=hook)).json()
+            await http.post("/api/jobs", json=APPLY)
+
+            async def attempted() -> bool:
+                r = await http.get(f"/api/webhooks/{webhook['id']}/deliveries")
+                return any(d["attempts"] >= 1 for d in r.json()["items"])
+
+            await eventually(attempted, timeout=30)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert reached == []
