@@ -49,7 +49,7 @@ def parse_since(text: str | None, now: datetime | None = None) -> Since:
     if text is None:
         return Since()
     text = text.strip()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():  # isdigit alone takes "²", which int() refuses
         return Since(seq=int(text))
     match = _DURATION.match(text)
     if not match:

@@ -7,11 +7,34 @@ organization, environment, module type, module name or action, or a build ID.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
 FILTER_KEYS = ("organization", "environment", "status", "action", "module_type", "module_name")
+# schemas/defs.json `name` and `module_type`: what a job's fields can hold. Use fullmatch:
+# with match, `$` would also accept a trailing newline.
+NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+MODULE_TYPE = re.compile(r"[a-z0-9]{1,32}/[a-z0-9][a-z0-9_-]{0,31}")
+_NAME_KEYS = ("organization", "environment", "module_name")
+
+
+def invalid_values(values: Mapping[str, Any]) -> dict[str, str]:
+    """The filter values (or workspace names) no job could match, each with why: names and
+    module_type off their pattern, a `q` with a NUL (Postgres text cannot hold one, so it
+    would fail the query). Unset or empty values are fine: they mean "any"."""
+    problems = {
+        key: "not a valid name"
+        for key in _NAME_KEYS
+        if values.get(key) not in (None, "") and not NAME.fullmatch(str(values[key]))
+    }
+    module_type = values.get("module_type")
+    if module_type not in (None, "") and not MODULE_TYPE.fullmatch(str(module_type)):
+        problems["module_type"] = "must be <arch>/<kind>"
+    if "\x00" in str(values.get("q") or ""):
+        problems["q"] = "must not contain NUL"
+    return problems
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,9 @@ def check_transition(current: str, new: str, reason: str | None = None) -> None:
     cur, nxt = Status(current), Status(new)
     if cur in FINAL:
         raise TransitionError(f"job is already {cur}; cannot become {nxt}")
+    if nxt is not Status.FAILURE and reason is not None:
+        # Only a FAILURE says why (a property test found IN-PROGRESS and WORKING let one by).
+        raise TransitionError(f"{nxt} carries no reason")
     if nxt is Status.IN_PROGRESS:
         if cur is not Status.IN_PROGRESS:
             raise TransitionError(f"{cur} cannot go back to {nxt}")
@@ -81,8 +84,6 @@ def check_transition(current: str, new: str, reason: str | None = None) -> None:
     if nxt is Status.SUCCESS:
         if cur is not Status.WORKING:
             raise TransitionError(f"{cur} cannot become {nxt}")
-        if reason is not None:
-            raise TransitionError("SUCCESS carries no reason")
         return
     # FAILURE
     if reason is None:

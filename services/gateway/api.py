@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from services.common import codec, schemas
-from services.common.filters import JobFilter
+from services.common.filters import JobFilter, invalid_values
 from services.common.job_object import new_job
 from services.common.status import ACTIONS, Status
 from services.common.timefmt import now_iso
@@ -48,7 +48,9 @@ def _int_param(request: Request, name: str, default: int | None, lo: int, hi: in
 
 def _build_id(request: Request) -> int:
     build_id = int(request.path_params["build_id"])
-    if build_id > MAX_BUILD_ID:
+    # Build IDs start at 1. A 0 must stop here: the scheduler refuses it as a malformed
+    # cancel request and never answers, which made `POST /api/jobs/0/cancel` a 503.
+    if not 1 <= build_id <= MAX_BUILD_ID:
         raise ApiError(404, f"no job {build_id}")
     return build_id
 
@@ -125,6 +127,9 @@ async def submit_job(request: Request) -> Response:
 
 
 def _filter(request: Request) -> JobFilter:
+    bad = invalid_values(request.query_params)
+    if bad:
+        raise ApiError(422, "invalid filter", fields=bad)
     flt = JobFilter.from_mapping(request.query_params)
     if flt.status is not None and flt.status not in {s.value for s in Status}:
         raise ApiError(

@@ -85,15 +85,21 @@ class Decoded:
     raw: bytes
 
 
+def _error_text(text: str) -> str:
+    """An error as `rejected_messages.error` can hold it: bounded, and no NUL (Postgres text
+    cannot store one; the error may quote the bad value)."""
+    return text[:2000].replace("\x00", "\\u0000")
+
+
 def _decode(msg: Msg, schema: str, check: Callable[[Msg, dict[str, Any]], str | None]) -> Decoded:
     seq = msg.metadata.sequence.stream
     try:
         body = schemas.decode(schema, msg.data)
     except schemas.SchemaError as exc:
-        return Decoded(seq, msg.subject, None, str(exc)[:2000], msg.data)
+        return Decoded(seq, msg.subject, None, _error_text(str(exc)), msg.data)
     problem = check(msg, body)
     if problem:
-        return Decoded(seq, msg.subject, None, problem, msg.data)
+        return Decoded(seq, msg.subject, None, _error_text(problem), msg.data)
     return Decoded(seq, msg.subject, body, None, msg.data)
 
 
@@ -280,6 +286,11 @@ class Ingestor:
             try:
                 await self._store(decoded)
                 break
+            except asyncpg.DataError:
+                # A value Postgres cannot store (a NUL in text, …): retrying the batch would
+                # block the stream for good. Find the culprits and reject them instead.
+                await self._store_one_by_one(decoded)
+                break
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 # Postgres is away: keep the batch (tell JetStream we are still on it).
                 log.warning("ingest store failed; retrying", extra={"error": repr(exc)})
@@ -303,6 +314,18 @@ class Ingestor:
                     await m.term()
         BATCH_SIZE.labels(self.kind).observe(len(msgs))
         INGESTED.labels(self.kind).inc(sum(1 for d in decoded if d.error is None))
+
+    async def _store_one_by_one(self, decoded: list[Decoded]) -> None:
+        """Store each message alone; one that Postgres refuses is recorded as rejected (in
+        `decoded`, so the caller terminates it rather than acking it)."""
+        for i, d in enumerate(decoded):
+            try:
+                await self._store([d])
+            except asyncpg.DataError as exc:
+                decoded[i] = Decoded(
+                    d.stream_seq, d.subject, None, _error_text(f"not storable: {exc}"), d.raw
+                )
+                await self._store([decoded[i]])
 
     async def _store(self, decoded: list[Decoded]) -> None:
         good = [d for d in decoded if d.error is None]

@@ -29,7 +29,8 @@ def char_boundary_forward(data: bytes, start: int) -> int:
 
 def read_span(chunks: Iterable[tuple[int, str]], offset: int, limit: int) -> tuple[int, bytes]:
     """From chunks `(chunk_offset, text)` in offset order, the bytes from `offset` on, at
-    most `limit` of them, stopping at the first gap; returns (actual start, bytes).
+    most `limit` of them (or one whole character), stopping at the first gap; returns
+    (actual start, bytes).
 
     The start moves forward to a character boundary if `offset` falls inside a character.
     """
@@ -55,4 +56,8 @@ def read_span(chunks: Iterable[tuple[int, str]], offset: int, limit: int) -> tup
     skip = char_boundary_forward(joined, 0)
     joined = joined[skip:]
     cut = char_boundary_back(joined, limit)
+    if cut == 0 and joined:
+        # A limit smaller than the first character: give that one character whole (up to
+        # 3 bytes over), or a reader paging with such a limit would never move on.
+        cut = char_boundary_forward(joined, 1)
     return base + skip, joined[:cut]

@@ -40,12 +40,14 @@ templates = Jinja2Templates(env=_env)
 
 def _filter_values(request: Request) -> dict[str, str]:
     keys = (*FILTER_KEYS, "q")
-    return {k: request.query_params.get(k, "").strip() for k in keys}
+    # A NUL can be in no job and Postgres text cannot hold one (the query would fail).
+    return {k: request.query_params.get(k, "").replace("\x00", "").strip() for k in keys}
 
 
 def _int_param(request: Request, name: str) -> int | None:
     value = request.query_params.get(name, "")
-    return int(value) if value.isdigit() else None
+    # isdigit alone takes "²", which int() refuses.
+    return int(value) if value.isascii() and value.isdigit() else None
 
 
 def first_log_part(data: str) -> str:

@@ -14,12 +14,14 @@ import binascii
 import logging
 from typing import Any
 
+import asyncpg
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from services.common import codec, state_auth
 from services.common.crypto import SecretsError
+from services.common.filters import invalid_values
 from services.common.status import MUTATING_ACTIONS, is_final
 from services.common.timefmt import format_time
 from services.gateway import state_at_rest
@@ -95,7 +97,7 @@ async def _capped_body(request: Request, limit: int) -> bytes | None:
     """The body, or None once it is over `limit`: an oversized state is refused without
     being held in memory first."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:
         return None
     chunks: list[bytes] = []
     size = 0
@@ -158,9 +160,12 @@ async def state(request: Request) -> Response:
                 413, code="too-large", message=f"state over {MAX_STATE_BYTES} bytes"
             )
         try:
-            codec.loads(body)
+            parsed = codec.loads(body)
         except ValueError:
             return error_response(400, code="invalid", message="state is not JSON")
+        if not isinstance(parsed, dict):
+            # A state is an object; anything else stored would be served back to Terraform.
+            return error_response(400, code="invalid", message="state is not a JSON object")
         data: bytes | None = body
     else:  # DELETE keeps the history: a version without data.
         data = None
@@ -190,7 +195,19 @@ async def lock(request: Request) -> Response:
         info = codec.loads(raw) if raw else {}
     except ValueError:
         return error_response(400, code="invalid", message="lock info is not JSON")
-    lock_id = str(info.get("ID", "")) if isinstance(info, dict) else ""
+    if not isinstance(info, dict):
+        return error_response(400, code="invalid", message="lock info is not a JSON object")
+    lock_id = str(info.get("ID", ""))
+    try:
+        return await _take_lock(ctx, ws, build_id, lock_id, info)
+    except asyncpg.DataError:
+        # A "\u0000" in it: Postgres text and jsonb cannot hold one (that was a 500).
+        return error_response(400, code="invalid", message="lock info cannot be stored")
+
+
+async def _take_lock(
+    ctx: GatewayContext, ws: tuple[str, str, str], build_id: int, lock_id: str, info: Any
+) -> Response:
     async with ctx.pool.acquire() as conn, conn.transaction():
         # Serialise lockers of one workspace; a stale lock (its job ended) is replaced.
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", "/".join(("tfstate", *ws)))
@@ -237,6 +254,10 @@ async def dispatch(request: Request) -> Response:
 
 
 async def versions(request: Request) -> Response:
+    # A path no workspace can have is bad input, not an empty history.
+    bad = invalid_values(request.path_params)
+    if bad:
+        return error_response(422, "invalid workspace", fields=bad)
     if not principal_of(request).may_see(request.path_params["organization"]):
         # Another organization's workspace is answered as missing, like its jobs.
         raise ApiError(404, "no such workspace")

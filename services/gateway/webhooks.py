@@ -7,7 +7,6 @@ delivery is signed with it, and is never returned.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -17,6 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from services.common import schemas
+from services.common.filters import invalid_values
 from services.common.timefmt import format_time
 from services.gateway.auth import principal_of
 from services.gateway.context import context_of
@@ -24,7 +24,6 @@ from services.gateway.errors import ApiError, json_body
 
 MAX_BODY = 16 * 1024
 MAX_LIMIT = 500
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _WEBHOOK_FIELDS = "id, organization, url, statuses, created_at"
 _DELIVERY_FIELDS = (
     "id, webhook_id, event_id, build_id, seq, status, attempts, last_status_code,"
@@ -61,10 +60,14 @@ def validate_create(body: Any) -> dict[str, Any]:
     except schemas.SchemaError as exc:
         fields = exc.fields()
         if "secret" in fields:
-            fields["secret"] = "must be 8..256 characters"  # never echo the secret back
+            # Never echo the secret back.
+            fields["secret"] = "must be 8..256 characters, without NUL"
         raise ApiError(422, "invalid webhook", fields=fields) from None
-    url = urlsplit(body["url"])
-    if url.scheme.lower() not in ("http", "https") or not url.hostname:
+    try:
+        url = urlsplit(body["url"])
+    except ValueError:  # e.g. an unbalanced "[" in the host: "Invalid IPv6 URL" (was a 500)
+        url = None
+    if url is None or url.scheme.lower() not in ("http", "https") or not url.hostname:
         raise ApiError(422, "invalid webhook", fields={"url": "must be an http(s) URL"})
     return dict(body)
 
@@ -92,8 +95,9 @@ async def create_webhook(request: Request) -> Response:
 
 async def list_webhooks(request: Request) -> Response:
     organization = request.query_params.get("organization") or None
-    if organization is not None and not _NAME.match(organization):
-        raise ApiError(422, "invalid organization", fields={"organization": "not a valid name"})
+    bad = invalid_values({"organization": organization})
+    if bad:
+        raise ApiError(422, "invalid organization", fields=bad)
     rows = await _pool(request).fetch(
         f"SELECT {_WEBHOOK_FIELDS} FROM webhooks"
         " WHERE ($1::text IS NULL OR organization = $1)"
@@ -120,7 +124,8 @@ async def delete_webhook(request: Request) -> Response:
 async def list_deliveries(request: Request) -> Response:
     webhook_id = _webhook_id(request)
     raw_limit = request.query_params.get("limit") or "100"
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIMIT:
+    # isdigit alone takes "²", which int() refuses (that was a 500).
+    if not (raw_limit.isascii() and raw_limit.isdigit()) or not 1 <= int(raw_limit) <= MAX_LIMIT:
         raise ApiError(422, "limit out of range", fields={"limit": f"must be 1..{MAX_LIMIT}"})
     pool = _pool(request)
     visible = await pool.fetchval(

@@ -17,17 +17,18 @@ def utf8_len(text: str) -> int:
 
 class Utf8Stream:
     """Decode bytes as they are read; a character split across two reads is kept whole,
-    and invalid bytes become U+FFFD."""
+    and invalid bytes become U+FFFD. So does a NUL: the gateway stores log text in Postgres,
+    whose text cannot hold one (binary output would otherwise be unstorable)."""
 
     def __init__(self) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def decode(self, data: bytes) -> str:
-        return self._decoder.decode(data)
+        return self._decoder.decode(data).replace("\x00", "\ufffd")
 
     def finish(self) -> str:
         # A truncated character at the very end becomes U+FFFD.
-        return self._decoder.decode(b"", final=True)
+        return self._decoder.decode(b"", final=True).replace("\x00", "\ufffd")
 
 
 def prefix_within(text: str, max_bytes: int) -> str:

@@ -39,6 +39,9 @@ def test_filter_keys_are_optional_and_empty_means_unset() -> None:
         '{"type":"nope"}',
         '{"type":"filter","organization":"acme.>"}',
         '{"type":"filter","environment":"*"}',
+        # A `$`-anchored re.match let a trailing newline into a subject token.
+        '{"type":"filter","organization":"acme\\n"}',
+        '{"type":"filter","module_type":"amd64/script\\n"}',
         '{"type":"filter","status":"DONE"}',
         '{"type":"filter","action":"apply"}',
         '{"type":"filter","since":-1}',

@@ -121,3 +121,10 @@ def test_truncation_line_wording() -> None:
 def test_split_chunks_refuses_too_small_chunks(size: int) -> None:
     with pytest.raises(ValueError):
         split_chunks("abc", size)
+
+
+def test_nul_becomes_replacement_character() -> None:
+    # Postgres text cannot hold a NUL: binary output must not make a chunk unstorable.
+    stream = Utf8Stream()
+    text = stream.decode(b"bin\x00ary\x00") + stream.finish()
+    assert text == "bin\ufffdary\ufffd"

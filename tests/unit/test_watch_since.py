@@ -48,7 +48,7 @@ def test_parse_since_sequence_and_durations() -> None:
     assert parse_since("1d", NOW).moment == datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 
 
-@pytest.mark.parametrize("bad", ["-3", "m", "10w", "1.5h", "ten", ""])
+@pytest.mark.parametrize("bad", ["-3", "m", "10w", "1.5h", "ten", "", "²"])
 def test_parse_since_rejects_other_text(bad: str) -> None:
     with pytest.raises(ValueError, match="--since"):
         parse_since(bad)
