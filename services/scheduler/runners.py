@@ -63,3 +63,40 @@ async def read_registry(kv: Any) -> dict[str, RunnerInfo]:
     finally:
         await watcher.stop()
     return found
+
+
+class RegistryView:
+    """The registry as the scheduler judges it, across NATS outages.
+
+    A key is absent when its runner died, but also when NATS was away long enough for the
+    key to expire while its (live) runner could not refresh it. So after an outage (a
+    reconnect of our connection, or a sweep that failed), the runners we knew before keep
+    their place for one TTL: time for each to heartbeat again. One that does not is lost
+    a TTL later than usual; one that does was never lost.
+    """
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._known: dict[str, RunnerInfo] = {}
+        self._reconnects = 0
+        self._out_of_touch = False
+        self._hold_until = 0.0
+
+    def failed(self) -> None:
+        """A sweep could not read the registry."""
+        self._out_of_touch = True
+
+    def judge(
+        self, read: dict[str, RunnerInfo], now: float, reconnects: int
+    ) -> dict[str, RunnerInfo]:
+        """The runners to count as alive, given a fresh read and our reconnect count."""
+        if self._out_of_touch or reconnects != self._reconnects:
+            self._out_of_touch = False
+            self._reconnects = reconnects
+            self._hold_until = now + self.ttl_s
+            log.info("registry seen again after an outage; absent runners held one TTL")
+        if now < self._hold_until:
+            held = {k: v for k, v in self._known.items() if k not in read}
+            read = {**held, **read}
+        self._known = dict(read)
+        return read

@@ -28,7 +28,7 @@ from services.scheduler.effects import Effect
 from services.scheduler.machine import Limits, Machine
 from services.scheduler.metrics import ADMITTED, CLAIMS
 from services.scheduler.outbox import Outbox, PerformError
-from services.scheduler.runners import read_registry
+from services.scheduler.runners import RegistryView, read_registry
 from services.scheduler.store import JobStore
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ class Scheduler:
         self.tasks: list[asyncio.Task[None]] = []
         self._pulls: list[Any] = []
         self._needs_reload = False
+        self.registry_view = RegistryView(ttl_s=3 * settings.heartbeat_s)
 
     # --- life -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -292,7 +293,12 @@ class Scheduler:
                 await asyncio.wait_for(self.stopping.wait(), SWEEP_S)
 
     async def sweep_registry(self) -> None:
-        runners = await read_registry(self.runners_kv)
+        try:
+            read = await read_registry(self.runners_kv)
+        except Exception:
+            self.registry_view.failed()
+            raise
+        runners = self.registry_view.judge(read, self.clock(), self.nc.stats["reconnects"])
         await self._decide(lambda now: self.machine.observe_runners(runners, now))
 
     async def compact(self) -> None:

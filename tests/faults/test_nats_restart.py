@@ -1,0 +1,71 @@
+"""Issue 6: `nats-server` (JetStream, file store) killed in the middle of a burst and
+started again on the same port and store. Every service reconnects by itself; no job that
+got a 202 is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import asyncpg
+
+from services.common.config import Settings
+from services.common.embedded import EmbeddedNats
+from tests.faults.burst import Burst
+from tests.faults.modules import Trace
+from tests.faults.nothing_lost import check_nothing_lost, record_figures, wait_all_final
+from tests.stack import Stack
+
+JOBS = 600
+# Shorter than the runners' registry TTL (3 heartbeats of 1 s in the tests): a runner
+# that cannot heartbeat longer than that stops on purpose (see runner/registry.py).
+OUTAGE_S = 1.0
+
+
+async def test_nats_restart_mid_burst(
+    settings: Settings, stack: Stack, trace: Trace, nats_server: EmbeddedNats | None
+) -> None:
+    assert nats_server is not None, "this test restarts its own nats-server"
+    await stack.start_gateway()
+    await stack.start_scheduler()
+    for i in range(3):
+        await stack.start_runner(f"runner-{i + 1}", kinds="script")
+    burst = Burst(settings, JOBS)
+    submitting = asyncio.create_task(burst.run())
+    await burst.wait_accepted(JOBS // 3)
+
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        final_at_fault = await conn.fetchval(
+            "SELECT count(*) FROM jobs WHERE status IN ('SUCCESS', 'FAILURE')"
+        )
+    finally:
+        await conn.close()
+    accepted_at_fault = len(burst.accepted)
+    nats_server.kill()
+    down = time.monotonic()
+    await asyncio.sleep(OUTAGE_S)  # the length of the outage, not a synchronisation
+    await asyncio.to_thread(nats_server.start)
+    await stack.wait_ready(timeout=60)
+    ready_s = time.monotonic() - down
+
+    await submitting
+    assert len(burst.build_ids) == JOBS
+    settle_s = await wait_all_final(settings.database_url, burst.build_ids)
+    figures = await check_nothing_lost(settings, burst.build_ids, trace)
+    figures.update(
+        {
+            "fault": f"nats-server SIGKILL, {OUTAGE_S:g} s down, restart on the same store",
+            "faults_injected": 1,
+            "accepted_before_fault": accepted_at_fault,
+            "in_flight_at_fault": accepted_at_fault - final_at_fault,
+            "client_retries": burst.retries,
+            "client_errors": burst.errors,
+            "gateway_ready_again_s": round(ready_s, 2),
+            "all_final_after_burst_s": round(settle_s, 2),
+        }
+    )
+    record_figures("nats_restart", figures)
+    for name in ("scheduler", *(f"runner-{i + 1}" for i in range(3))):
+        assert stack.procs[name].poll() is None, f"{name} exited:\n{stack.logs(name)[-3000:]}"
+    assert figures["final_statuses"] == {"SUCCESS": JOBS}
