@@ -99,6 +99,7 @@ UNAVAILABLE: tuple[type[Exception], ...] = (
     asyncpg.PostgresConnectionError,
     asyncpg.OperatorInterventionError,  # cannot connect now, admin shutdown
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,  # a pooled connection that died mid-operation
     ConnectionError,
 )
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -30,15 +32,18 @@ def settings(settings: Settings, trace: Trace) -> Settings:
 
 
 @pytest.fixture
-def own_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
+def own_postgres() -> Iterator[EmbeddedPostgres]:
     """A Postgres only this test uses, so it may stop and start it."""
-    base = tmp_path_factory.mktemp("own-pg")
-    os.chmod(base, 0o755)  # reachable by the unprivileged user Postgres runs as
+    # Not under pytest's tmp dir (0700): the unprivileged user Postgres runs as when we
+    # are root must reach its data dir.
+    base = Path(tempfile.mkdtemp(prefix="xoogify-faults-pg-"))
+    os.chmod(base, 0o755)
     server = EmbeddedPostgres(base / "pg", log_file=base / "pg.log")
     try:
         yield server
     finally:
         server.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

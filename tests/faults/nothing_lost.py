@@ -62,8 +62,20 @@ async def check_nothing_lost(
     """Assert the promises above; return figures for the report. `other_jobs` allows jobs
     beyond `build_ids` in Postgres (a test that also submitted some of its own)."""
     wanted = set(build_ids)
+    # Ingestion stores a batch and its watermark in one transaction: once the watermark
+    # reaches the stream's end, Postgres holds all of it. A batch left behind would hold it
+    # back for ack_wait (30 s), so a short deadline here catches that too.
+    last_seq = await _stream_last_seq(settings)
     conn = await asyncpg.connect(settings.database_url)
     try:
+        deadline = time.monotonic() + 10
+        while True:
+            watermark = await conn.fetchval(
+                "SELECT max(watermark) FROM ingest_progress WHERE kind = 'events'"
+            )
+            if watermark == last_seq or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)  # a poll interval inside the deadline loop
         jobs = {
             r["build_id"]: r
             for r in await conn.fetch("SELECT build_id, status, reason, seq FROM jobs")
@@ -75,11 +87,9 @@ async def check_nothing_lost(
             "SELECT count(*) FROM rejected_messages WHERE subject LIKE $1",
             f"{settings.subjects.prefix}.events.%",
         )
-        watermark = await conn.fetchval(
-            "SELECT max(watermark) FROM ingest_progress WHERE kind = 'events'"
-        )
     finally:
         await conn.close()
+    assert watermark == last_seq, f"ingest watermark {watermark}, events stream at {last_seq}"
 
     missing = sorted(wanted - jobs.keys())
     assert not missing, f"{len(missing)} accepted jobs never reached Postgres: {missing[:20]}"
@@ -106,18 +116,10 @@ async def check_nothing_lost(
             working_twice.append(build_id)
     assert not working_twice, f"jobs that went WORKING twice: {working_twice[:20]}"
 
-    # Every event the stream holds is in Postgres (or recorded as rejected), and the
-    # watermark says ingestion has caught up with all of it.
-    nc = await nats.connect(settings.nats_url)
-    try:
-        state = (await nc.jetstream().stream_info(settings.subjects.events_stream)).state
-    finally:
-        await nc.close()
-    assert len(events) + rejected_events == state.messages, (
-        f"stream holds {state.messages} events, Postgres {len(events)} (+{rejected_events} "
-        "rejected)"
+    # Every event the stream holds is in Postgres (or recorded as rejected).
+    assert len(events) + rejected_events == last_seq, (
+        f"stream holds {last_seq} events, Postgres {len(events)} (+{rejected_events} rejected)"
     )
-    assert watermark == state.last_seq, f"watermark {watermark}, stream at {state.last_seq}"
 
     statuses = Counter(
         jobs[b]["status"] if jobs[b]["reason"] is None else f"FAILURE/{jobs[b]['reason']}"
@@ -127,7 +129,7 @@ async def check_nothing_lost(
         "jobs_accepted": len(wanted),
         "jobs_final": sum(statuses.values()),
         "final_statuses": dict(statuses),
-        "events_in_stream": state.messages,
+        "events_in_stream": last_seq,
         "events_stored": len(events),
         "events_lost": 0,
         "events_duplicated": 0,
@@ -145,6 +147,18 @@ async def check_nothing_lost(
         figures["executions"] = sum(runs.values())
         figures["jobs_run_twice"] = 0
     return figures
+
+
+async def _stream_last_seq(settings: Settings) -> int:
+    nc = await nats.connect(settings.nats_url)
+    try:
+        state = (await nc.jetstream().stream_info(settings.subjects.events_stream)).state
+    finally:
+        await nc.close()
+    # Nothing is ever deleted from the events stream in these tests (retention is 30 days),
+    # so its last sequence is also the number of events it holds.
+    assert state.messages == state.last_seq, state
+    return int(state.last_seq)
 
 
 def record_figures(name: str, figures: dict[str, Any]) -> None:
