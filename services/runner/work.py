@@ -19,7 +19,7 @@ from nats.js import JetStreamContext
 
 from services.common import codec, schemas
 from services.common.config import Settings
-from services.common.metrics import REJECTED
+from services.common.metrics import reject, stream_seq_of
 from services.common.schemas import SchemaError
 from services.common.status import Reason
 from services.common.timefmt import now_iso
@@ -137,15 +137,15 @@ class Worker:
         try:
             job = Job.from_dispatch(schemas.decode("dispatch", msg.data))
         except SchemaError as exc:
-            REJECTED.labels(service="runner", subject=msg.subject).inc()
-            log.warning("bad dispatch message", extra={"subject": msg.subject, "error": str(exc)})
+            reject(
+                "runner", self._settings.subjects, msg.subject, exc, stream_seq=stream_seq_of(msg)
+            )
             await msg.term()
             return
         if job.arch != self._registry.arch or job.kind not in self._registry.kinds:
-            REJECTED.labels(service="runner", subject=msg.subject).inc()
-            log.warning(
-                "dispatch message for another arch/kind",
-                extra={"subject": msg.subject, "module_type": job.module_type},
+            why = f"dispatch of a {job.module_type} job to a {self._registry.arch} runner"
+            reject(
+                "runner", self._settings.subjects, msg.subject, why, stream_seq=stream_seq_of(msg)
             )
             await msg.term()
             return
@@ -178,8 +178,7 @@ class Worker:
             try:
                 request = schemas.decode("cancel_request", msg.data)
             except SchemaError as exc:
-                REJECTED.labels(service="runner", subject=msg.subject).inc()
-                log.warning("bad cancel message", extra={"error": str(exc)})
+                reject("runner", self._settings.subjects, msg.subject, exc)
                 return
             if request["build_id"] != job.build_id:
                 return
@@ -210,8 +209,8 @@ class Worker:
         try:
             answer = schemas.decode("claim_reply", reply.data)
         except SchemaError as exc:
-            REJECTED.labels(service="runner", subject=self._settings.subjects.claim).inc()
-            log.warning("bad claim reply", extra={"build_id": job.build_id, "error": str(exc)})
+            subject = self._settings.subjects.claim
+            reject("runner", self._settings.subjects, subject, exc, build_id=job.build_id)
             return None
         if not answer["granted"]:
             log.info("claim refused", extra={"build_id": job.build_id, "why": answer.get("reason")})

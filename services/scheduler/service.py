@@ -23,7 +23,7 @@ from nats.js.errors import NotFoundError
 
 from services.common import bus, codec, schemas
 from services.common.config import Settings
-from services.common.metrics import REJECTED, serve_metrics
+from services.common.metrics import reject, serve_metrics, stream_seq_of
 from services.scheduler.effects import Effect
 from services.scheduler.machine import Limits, Machine
 from services.scheduler.metrics import ADMITTED, CLAIMS
@@ -60,19 +60,19 @@ class Scheduler:
         self.clock = clock
         self.limits = Limits.from_settings(settings)
         self.machine = Machine(self.limits)
-        self.store = JobStore(sched_kv)
+        self.store = JobStore(sched_kv, settings.subjects)
         self.outbox = Outbox(settings, nc, js, self.store)
         self.lock = asyncio.Lock()
         self.stopping = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
         self._pulls: list[Any] = []
         self._needs_reload = False
-        self.registry_view = RegistryView(ttl_s=3 * settings.heartbeat_s)
+        self.registry_view = RegistryView(3 * settings.heartbeat_s, settings.subjects)
 
     # --- life -----------------------------------------------------------------------------
     async def start(self) -> None:
         s = self.settings.subjects
-        self.machine.runners = await read_registry(self.runners_kv)
+        self.machine.runners = await read_registry(self.runners_kv, self.registry_view.bad_entry)
         async with self.lock:
             await self._reload()
         submit = await self.js.pull_subscribe(
@@ -163,8 +163,8 @@ class Scheduler:
 
     # --- inputs ---------------------------------------------------------------------------
     def _reject(self, msg: Msg, error: Exception) -> None:
-        REJECTED.labels(service="scheduler", subject=msg.subject).inc()
-        log.warning("message rejected", extra={"subject": msg.subject, "error": str(error)})
+        subjects = self.settings.subjects
+        reject("scheduler", subjects, msg.subject, error, stream_seq=stream_seq_of(msg))
 
     async def _pull_loop(self, sub: Any, handle: Callable[[Msg], Any]) -> None:
         while not self.stopping.is_set():
@@ -294,7 +294,7 @@ class Scheduler:
 
     async def sweep_registry(self) -> None:
         try:
-            read = await read_registry(self.runners_kv)
+            read = await read_registry(self.runners_kv, self.registry_view.bad_entry)
         except Exception:
             self.registry_view.failed()
             raise

@@ -8,6 +8,8 @@ import logging
 from typing import Any
 
 from services.common import codec
+from services.common.metrics import reject
+from services.common.subjects import Subjects
 from services.scheduler.jobs import JobRecord
 
 log = logging.getLogger(__name__)
@@ -18,8 +20,9 @@ def job_key(build_id: int) -> str:
 
 
 class JobStore:
-    def __init__(self, kv: Any) -> None:
+    def __init__(self, kv: Any, subjects: Subjects | None = None) -> None:
         self.kv = kv
+        self.subjects = subjects or Subjects()
         self.revisions: dict[int, int] = {}
 
     async def load(self) -> list[JobRecord]:
@@ -36,9 +39,9 @@ class JobStore:
                     try:
                         rec = JobRecord.from_value(codec.loads(entry.value))
                     except (ValueError, KeyError, TypeError) as exc:
-                        log.error(
-                            "unreadable job record", extra={"key": entry.key, "error": repr(exc)}
-                        )
+                        # Not ours to fix: count, record, and go on without it.
+                        bucket = self.subjects.sched_bucket
+                        reject("scheduler", self.subjects, bucket, repr(exc), key=entry.key)
                     else:
                         records.append(rec)
                         self.revisions[rec.build_id] = entry.revision

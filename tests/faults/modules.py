@@ -1,6 +1,6 @@
-"""The module the fault tests run: `trace`, a script module whose every action appends its
-build ID to a file and exits 0, fast. One line per execution is the evidence that no job
-ran twice."""
+"""The modules the fault tests run: `trace`, a script module whose every action appends its
+build ID to a file and exits 0, fast (one line per execution is the evidence that no job
+ran twice), and `sleep`, which runs until it is cancelled."""
 
 from __future__ import annotations
 
@@ -33,4 +33,10 @@ def trace_modules(directory: Path) -> Trace:
     assert "'" not in command  # written as TOML literal strings
     table = "".join(f"{action} = '{command}'\n" for action in ACTIONS)
     (module / "module.toml").write_text("[script]\n" + table)
+    # `sleep`: runs until cancelled (a job to send cancels to).
+    sleeper = directory / "sleep"
+    sleeper.mkdir(exist_ok=True)
+    (sleeper / "module.toml").write_text(
+        "[script]\n" + "".join(f"{action} = 'sleep 120'\n" for action in ACTIONS)
+    )
     return Trace(directory, runs_file)
