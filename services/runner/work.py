@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 
 FETCH_TIMEOUT_S = 0.5
 CLAIM_TIMEOUT_S = 5.0
-# A claim nobody answered: the message comes back after this long.
-NAK_DELAY_S = 1.0
+# A claim nobody answered is asked again after this long.
+CLAIM_RETRY_S = 1.0
 
 
 class Worker:
@@ -158,11 +158,21 @@ class Worker:
         try:
             await self._nc.flush()
             granted = await self._claim(job)
-            answer = {None: "none", True: "granted", False: "refused"}[granted]
-            counters.CLAIMS.labels(answer=answer).inc()
-            if granted is None:
-                await msg.nak(delay=NAK_DELAY_S)
+            while granted is None and not self.stopping:
+                # No answer (the scheduler restarting, NATS reconnecting, or the answer
+                # lost on the way): ask again, holding the message. The grant may have
+                # been recorded already; the scheduler answers this runner's repeated
+                # claim the same way, whereas the message handed to another runner
+                # would be refused as taken and the job would run nowhere.
+                counters.CLAIMS.labels(answer="none").inc()
+                await _quietly(msg.in_progress(), "in_progress")
+                await asyncio.sleep(CLAIM_RETRY_S)
+                granted = await self._claim(job)
+            if granted is None:  # draining: hand it back for another runner
+                counters.CLAIMS.labels(answer="none").inc()
+                await _quietly(msg.nak(), "nak")
                 return
+            counters.CLAIMS.labels(answer="granted" if granted else "refused").inc()
             # Acked either way: granted it is ours; refused it is someone else's or over.
             # A granted job runs even if the ack is lost: the claim, not the message, says
             # whose it is (a redelivered copy is refused).

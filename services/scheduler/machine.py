@@ -132,6 +132,16 @@ class Machine:
         rec = self.jobs.get(build_id)
         if rec is None:
             return refused(self._gone(build_id)), []
+        if (
+            rec.status == Status.WORKING
+            and rec.runner_id == request["runner_id"]
+            and rec.attempt == int(request["attempt"])
+            and request.get("runner_started_at") is not None
+            and rec.runner_started_at == request["runner_started_at"]
+        ):
+            # The same runner process asking again: our grant did not reach it (late, or
+            # lost in a NATS outage). Same answer, nothing changes.
+            return {"granted": True, "reason": None}, []
         if rec.status != Status.IN_PROGRESS or rec.runner_id is not None:
             return refused("taken"), []
         if int(request["attempt"]) != rec.attempt:

@@ -232,7 +232,7 @@ class Scheduler:
                 return  # no answer: the runner naks the message and asks again
             reply, effects = self.machine.claim(request, self.clock())
             done = await self._perform(effects)
-        if reply["granted"] and done == 0:
+        if reply["granted"] and effects and done == 0:
             # The assignment never reached KV: the runner must not start, and must not drop
             # the message either (a refusal would), so it hears nothing and asks again.
             return

@@ -143,6 +143,20 @@ def test_double_claim_refused() -> None:
     assert not reply["granted"]
 
 
+def test_the_same_runner_process_asking_again_is_granted_again() -> None:
+    """Its first answer was lost (a NATS outage): the same answer, no second WORKING."""
+    m = machine()
+    m.admit(1, submission(), T0)
+    ask = {"build_id": 1, "runner_id": "r1", "attempt": 1, "runner_started_at": "t-1"}
+    reply, effects = m.claim(ask, T0)
+    assert reply["granted"] and effects
+    reply, effects = m.claim(ask, T0 + 5)
+    assert reply == {"granted": True, "reason": None} and effects == []
+    # Another process under the same runner_id is not that runner.
+    reply, _ = m.claim({**ask, "runner_started_at": "t-2"}, T0 + 6)
+    assert reply == {"granted": False, "reason": "taken"}
+
+
 def test_claim_refusals() -> None:
     m = machine()
     m.admit(1, submission(), T0)
