@@ -8,6 +8,7 @@ import asyncio
 import time
 
 import asyncpg
+import pytest
 
 from services.common.config import Settings
 from tests.faults.burst import Burst
@@ -18,6 +19,8 @@ from tests.stack import Stack
 JOBS = 2_000
 
 
+# A burst on a shared, loaded machine can take longer than the suite's default.
+@pytest.mark.timeout(300)
 async def test_gateway_sigkill_mid_burst(settings: Settings, stack: Stack, trace: Trace) -> None:
     await stack.start_gateway()
     await stack.start_scheduler()

@@ -30,6 +30,8 @@ def database_url(own_database_url: str) -> str:
     return own_database_url
 
 
+# A burst on a shared, loaded machine can take longer than the suite's default.
+@pytest.mark.timeout(300)
 async def test_postgres_down_10s_mid_burst(
     settings: Settings, stack: Stack, trace: Trace, own_postgres: EmbeddedPostgres
 ) -> None:
