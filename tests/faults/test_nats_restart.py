@@ -16,6 +16,7 @@ from tests.faults.burst import Burst
 from tests.faults.modules import Trace
 from tests.faults.nothing_lost import check_nothing_lost, record_figures, wait_all_final
 from tests.stack import Stack
+from tests.support import WsRecorder, auth_headers
 
 JOBS = 600
 # Shorter than the runners' registry TTL (3 heartbeats of 1 s in the tests): a runner
@@ -33,28 +34,32 @@ async def test_nats_restart_mid_burst(
     await stack.start_scheduler()
     for i in range(3):
         await stack.start_runner(f"runner-{i + 1}", kinds="script")
-    burst = Burst(settings, JOBS)
-    submitting = asyncio.create_task(burst.run())
-    await burst.wait_accepted(JOBS // 3)
+    # A live page open through the outage: the hub's consumer must come back by itself.
+    async with WsRecorder(stack.ws_url, headers=auth_headers(settings)) as ws:
+        burst = Burst(settings, JOBS)
+        submitting = asyncio.create_task(burst.run())
+        await burst.wait_accepted(JOBS // 3)
 
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        final_at_fault = await conn.fetchval(
-            "SELECT count(*) FROM jobs WHERE status IN ('SUCCESS', 'FAILURE')"
-        )
-    finally:
-        await conn.close()
-    accepted_at_fault = len(burst.accepted)
-    nats_server.kill()
-    down = time.monotonic()
-    await asyncio.sleep(OUTAGE_S)  # the length of the outage, not a synchronisation
-    await asyncio.to_thread(nats_server.start)
-    await stack.wait_ready(timeout=60)
-    ready_s = time.monotonic() - down
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            final_at_fault = await conn.fetchval(
+                "SELECT count(*) FROM jobs WHERE status IN ('SUCCESS', 'FAILURE')"
+            )
+        finally:
+            await conn.close()
+        accepted_at_fault = len(burst.accepted)
+        nats_server.kill()
+        down = time.monotonic()
+        await asyncio.sleep(OUTAGE_S)  # the length of the outage, not a synchronisation
+        await asyncio.to_thread(nats_server.start)
+        await stack.wait_ready(timeout=60)
+        ready_s = time.monotonic() - down
 
-    await submitting
-    assert len(burst.build_ids) == JOBS
-    settle_s = await wait_all_final(settings.database_url, burst.build_ids)
+        await submitting
+        assert len(burst.build_ids) == JOBS
+        settle_s = await wait_all_final(settings.database_url, burst.build_ids)
+        # The last job submitted ran after the restart: the socket opened before hears it.
+        await ws.wait_job_status(max(burst.build_ids), {"SUCCESS"}, timeout=60)
     figures = await check_nothing_lost(settings, burst.build_ids, trace)
     figures.update(
         {
