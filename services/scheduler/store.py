@@ -4,6 +4,7 @@ revision this process last saw, so two schedulers cannot silently overwrite each
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -39,9 +40,13 @@ class JobStore:
                     try:
                         rec = JobRecord.from_value(codec.loads(entry.value))
                     except (ValueError, KeyError, TypeError) as exc:
-                        # Not ours to fix: count, record, and go on without it.
+                        # Count, record, go on without it; and keep its revision, so the
+                        # job that gets this build ID overwrites the junk instead of
+                        # failing its create (and reloading) forever.
                         bucket = self.subjects.sched_bucket
                         reject("scheduler", self.subjects, bucket, repr(exc), key=entry.key)
+                        with contextlib.suppress(ValueError):
+                            self.revisions[int(entry.key.split(".", 1)[1])] = entry.revision
                     else:
                         records.append(rec)
                         self.revisions[rec.build_id] = entry.revision

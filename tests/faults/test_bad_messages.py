@@ -74,11 +74,12 @@ async def test_bad_messages_on_every_subject(
         base_url=settings.gateway_url, headers=auth_headers(settings), timeout=10
     )
     try:
-        # The scheduler reads its own KV state when it starts: junk there first.
+        # The scheduler reads its own KV state when it starts: junk there first, under
+        # the keys of the first builds (the first real job must overwrite it).
         await bus.ensure_streams(js, settings)
         sched_kv = await bus.ensure_kv(js, s.sched_bucket)
-        for n, payload in enumerate(PAYLOADS.values()):
-            await sched_kv.put(f"job.{NOWHERE - n}", payload)
+        for n, payload in enumerate(PAYLOADS.values(), start=1):
+            await sched_kv.put(f"job.{n}", payload)
 
         sched_port, runner_port = free_port(), free_port()
         await stack.start_gateway()
@@ -119,6 +120,7 @@ async def test_bad_messages_on_every_subject(
             return await eventually(probe, timeout=60)
 
         good = [await submit(trace_job(0))]
+        assert good == [1]  # its key in the scheduler's bucket held junk
         await reaches(good[0], "SUCCESS")  # everything is up and every consumer exists
 
         # Junk on every subject (and KV bucket) the services read, all at once.
