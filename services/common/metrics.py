@@ -5,16 +5,39 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+
+from services.common.subjects import Subjects, family
+
+log = logging.getLogger(__name__)
 
 REJECTED = Counter(
     "xoogify_rejected_messages_total",
     "Messages refused at a service boundary (malformed, wrong schema, oversized)",
     ["service", "subject"],
 )
+
+
+def stream_seq_of(msg: Any) -> int | None:
+    """The stream sequence of a JetStream message; None for a core NATS message."""
+    try:
+        return int(msg.metadata.sequence.stream)
+    except Exception:
+        return None
+
+
+def reject(service: str, subjects: Subjects, subject: str, error: object, **where: Any) -> None:
+    """Count a message refused at `service`'s boundary (labelled by subject family) and
+    record it as one structured log line: subject, where it was (stream_seq, key), why."""
+    REJECTED.labels(service=service, subject=family(subjects, subject)).inc()
+    log.warning(
+        "message rejected",
+        extra={"service": service, "subject": subject, "error": str(error)[:2000], **where},
+    )
 
 
 async def serve_metrics(

@@ -78,8 +78,17 @@ def check(name: str, value: Any) -> Any:
     raise SchemaError(name, problems(name, value))
 
 
-def decode(name: str, data: bytes) -> Any:
-    """Parse JSON bytes and check them against schema `name` (SchemaError on either failure)."""
+# No message the services write comes near this (the API caps a submission at 64 KiB, the
+# runner a log chunk at 32 KiB); anything bigger is refused before it is parsed.
+MAX_MESSAGE_BYTES = 256 * 1024
+
+
+def decode(name: str, data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Any:
+    """Parse JSON bytes and check them against schema `name` (SchemaError on either failure,
+    or when the message is over `max_bytes`)."""
+    if len(data) > max_bytes:
+        problem = Problem("(body)", f"message of {len(data)} bytes is over {max_bytes} bytes")
+        raise SchemaError(name, [problem])
     try:
         value = codec.loads(data)
     except ValueError as exc:

@@ -106,6 +106,20 @@ class Subjects:
         return f"{self.prefix}.control.cancel"
 
 
+def family(subjects: Subjects, subject: str) -> str:
+    """The wildcard a concrete subject belongs to (`xoogify.report.runner-7` →
+    `xoogify.report.>`): a metric label per subject family, never one per runner or build."""
+    prefix = subjects.prefix + "."
+    if not subject.startswith(prefix):
+        return subject
+    first = subject[len(prefix) :].split(".", 1)[0]
+    if first == "cancel":
+        return f"{prefix}cancel.*"
+    if first in ("events", "logs", "report"):
+        return f"{prefix}{first}.>"
+    return subject
+
+
 def event_msg_id(build_id: int, seq: int) -> str:
     """Nats-Msg-Id of a status event: a republished event is dropped by the stream."""
     return f"{build_id}-{seq}"

@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import asyncpg
+import nats.errors
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -83,8 +85,27 @@ async def internal_error_handler(request: Request, exc: Exception) -> Response:
     return error_response(500, "internal error", "internal")
 
 
+async def unavailable_handler(request: Request, exc: Exception) -> Response:
+    # NATS or Postgres away for a moment (a restart, a failover): the request was fine and
+    # may be retried, so say 503 like /readyz does, not 500. A submission retried with its
+    # Idempotency-Key is the same job even if this one reached the stream.
+    log.warning("dependency unavailable", extra={"path": request.url.path, "error": repr(exc)})
+    return error_response(503, "a backing service is unavailable; retry shortly")
+
+
+# The errors of a server we depend on being unreachable (not of a bad query or a bug).
+UNAVAILABLE: tuple[type[Exception], ...] = (
+    nats.errors.Error,
+    asyncpg.PostgresConnectionError,
+    asyncpg.OperatorInterventionError,  # cannot connect now, admin shutdown
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,  # a pooled connection that died mid-operation
+    ConnectionError,
+)
+
 handlers = {
     ApiError: api_error_handler,
     HTTPException: http_error_handler,
+    **dict.fromkeys(UNAVAILABLE, unavailable_handler),
     Exception: internal_error_handler,
 }

@@ -33,6 +33,16 @@ from services.gateway.watermark import Contiguity
 log = logging.getLogger(__name__)
 
 BATCH = 500
+# What a Postgres that went away looks like to asyncpg. InternalClientError too: a pooled
+# connection that died mid-operation raises it on release ("cannot switch to state …"),
+# and a batch that escaped this retry would wait out ack_wait (30 s), holding the
+# watermark back all that time.
+POSTGRES_AWAY = (
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
 INGESTED = Counter("xoogify_ingested_total", "Messages stored by ingestion", ["kind"])
 BATCH_SIZE = Histogram(
     "xoogify_ingest_batch_size",
@@ -236,7 +246,7 @@ class Ingestor:
                 )
                 self.progress = Contiguity(int(mark or 0))
                 return
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except POSTGRES_AWAY as exc:
                 log.warning("waiting for postgres", extra={"error": repr(exc)})
                 await asyncio.sleep(1)
 
@@ -291,7 +301,7 @@ class Ingestor:
                 # block the stream for good. Find the culprits and reject them instead.
                 await self._store_one_by_one(decoded)
                 break
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except POSTGRES_AWAY as exc:
                 # Postgres is away: keep the batch (tell JetStream we are still on it).
                 log.warning("ingest store failed; retrying", extra={"error": repr(exc)})
                 for m in msgs:

@@ -20,7 +20,7 @@ from nats.js import JetStreamContext
 
 from services.common import codec, schemas
 from services.common.config import Settings
-from services.common.metrics import REJECTED
+from services.common.metrics import reject, stream_seq_of
 from services.common.schemas import SchemaError
 from services.common.status import Reason
 from services.common.timefmt import now_iso
@@ -35,8 +35,8 @@ log = logging.getLogger(__name__)
 
 FETCH_TIMEOUT_S = 0.5
 CLAIM_TIMEOUT_S = 5.0
-# A claim nobody answered: the message comes back after this long.
-NAK_DELAY_S = 1.0
+# A claim nobody answered is asked again after this long.
+CLAIM_RETRY_S = 1.0
 # How many granted jobs a runner remembers (one at a time: far more than can be in doubt).
 GRANTED_KEPT = 1000
 
@@ -144,15 +144,15 @@ class Worker:
         try:
             job = Job.from_dispatch(schemas.decode("dispatch", msg.data))
         except SchemaError as exc:
-            REJECTED.labels(service="runner", subject=msg.subject).inc()
-            log.warning("bad dispatch message", extra={"subject": msg.subject, "error": str(exc)})
+            reject(
+                "runner", self._settings.subjects, msg.subject, exc, stream_seq=stream_seq_of(msg)
+            )
             await msg.term()
             return
         if job.arch != self._registry.arch or job.kind not in self._registry.kinds:
-            REJECTED.labels(service="runner", subject=msg.subject).inc()
-            log.warning(
-                "dispatch message for another arch/kind",
-                extra={"subject": msg.subject, "module_type": job.module_type},
+            why = f"dispatch of a {job.module_type} job to a {self._registry.arch} runner"
+            reject(
+                "runner", self._settings.subjects, msg.subject, why, stream_seq=stream_seq_of(msg)
             )
             await msg.term()
             return
@@ -172,11 +172,21 @@ class Worker:
         try:
             await self._nc.flush()
             granted = await self._claim(job)
-            answer = {None: "none", True: "granted", False: "refused"}[granted]
-            counters.CLAIMS.labels(answer=answer).inc()
-            if granted is None:
-                await msg.nak(delay=NAK_DELAY_S)
+            while granted is None and not self.stopping:
+                # No answer (the scheduler restarting, NATS reconnecting, or the answer
+                # lost on the way): ask again, holding the message. The grant may have
+                # been recorded already; the scheduler answers this runner's repeated
+                # claim the same way, whereas the message handed to another runner
+                # would be refused as taken and the job would run nowhere.
+                counters.CLAIMS.labels(answer="none").inc()
+                await _quietly(msg.in_progress(), "in_progress")
+                await asyncio.sleep(CLAIM_RETRY_S)
+                granted = await self._claim(job)
+            if granted is None:  # draining: hand it back for another runner
+                counters.CLAIMS.labels(answer="none").inc()
+                await _quietly(msg.nak(), "nak")
                 return
+            counters.CLAIMS.labels(answer="granted" if granted else "refused").inc()
             # Acked either way: granted it is ours; refused it is someone else's or over.
             # A granted job runs even if the ack is lost: the claim, not the message, says
             # whose it is (a redelivered copy is refused).
@@ -195,8 +205,7 @@ class Worker:
             try:
                 request = schemas.decode("cancel_request", msg.data)
             except SchemaError as exc:
-                REJECTED.labels(service="runner", subject=msg.subject).inc()
-                log.warning("bad cancel message", extra={"error": str(exc)})
+                reject("runner", self._settings.subjects, msg.subject, exc)
                 return
             if request["build_id"] != job.build_id:
                 return
@@ -227,8 +236,8 @@ class Worker:
         try:
             answer = schemas.decode("claim_reply", reply.data)
         except SchemaError as exc:
-            REJECTED.labels(service="runner", subject=self._settings.subjects.claim).inc()
-            log.warning("bad claim reply", extra={"build_id": job.build_id, "error": str(exc)})
+            subject = self._settings.subjects.claim
+            reject("runner", self._settings.subjects, subject, exc, build_id=job.build_id)
             return None
         if not answer["granted"]:
             log.info("claim refused", extra={"build_id": job.build_id, "why": answer.get("reason")})

@@ -134,9 +134,10 @@ class Machine:
         if rec is None:
             return refused(self._gone(build_id)), []
         if self._asks_again(rec, request):
-            # The same runner process asks again for the job it was granted: it never heard
-            # the grant (the leader that gave it died before answering), and a runner never
-            # claims a job it has started. Granted again; nothing changes.
+            # The same runner process asks again for the job it was granted: our grant did
+            # not reach it (late, lost in a NATS outage, or the leader that stored it died
+            # before answering), and a runner never claims a job it has started. Granted
+            # again; nothing changes.
             return {"granted": True, "reason": None}, []
         if rec.status != Status.IN_PROGRESS or rec.runner_id is not None:
             return refused("taken"), []

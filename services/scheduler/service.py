@@ -27,13 +27,13 @@ from nats.js.errors import NotFoundError
 
 from services.common import bus, codec, schemas
 from services.common.config import Settings
-from services.common.metrics import REJECTED, serve_metrics
+from services.common.metrics import reject, serve_metrics, stream_seq_of
 from services.scheduler.effects import Effect, PublishEvent
 from services.scheduler.leader import Lease, NotLeader
 from services.scheduler.machine import Limits, Machine
 from services.scheduler.metrics import ADMITTED, CLAIMS, LEADER, TAKEOVERS
 from services.scheduler.outbox import Outbox, PerformError
-from services.scheduler.runners import read_registry
+from services.scheduler.runners import RegistryView, read_registry
 from services.scheduler.store import JobStore
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class Scheduler:
         self.clock = clock
         self.limits = Limits.from_settings(settings)
         self.machine = Machine(self.limits)
-        self.store = JobStore(sched_kv)
+        self.store = JobStore(sched_kv, settings.subjects)
         self.lease = lease
         self.outbox = Outbox(settings, nc, js, self.store, lease.check if lease else None)
         self.lock = asyncio.Lock()
@@ -78,13 +78,14 @@ class Scheduler:
         self._pulls: list[Any] = []
         self._subs: list[Any] = []
         self._needs_reload = False
+        self.registry_view = RegistryView(3 * settings.heartbeat_s, settings.subjects)
 
     # --- life -----------------------------------------------------------------------------
     async def start(self) -> None:
         """Begin acting (as the leader): take over the stored state, then take inputs."""
         s = self.settings.subjects
         self.stopping = asyncio.Event()
-        self.machine.runners = await read_registry(self.runners_kv)
+        self.machine.runners = await read_registry(self.runners_kv, self.registry_view.bad_entry)
         async with self.lock:
             await self._reload()
         # (pull_subscribe fills the config in: one each.)
@@ -197,8 +198,8 @@ class Scheduler:
 
     # --- inputs ---------------------------------------------------------------------------
     def _reject(self, msg: Msg, error: Exception) -> None:
-        REJECTED.labels(service="scheduler", subject=msg.subject).inc()
-        log.warning("message rejected", extra={"subject": msg.subject, "error": str(error)})
+        subjects = self.settings.subjects
+        reject("scheduler", subjects, msg.subject, error, stream_seq=stream_seq_of(msg))
 
     async def _pull_loop(self, sub: Any, handle: Callable[[Msg], Any]) -> None:
         while not self.stopping.is_set():
@@ -327,7 +328,12 @@ class Scheduler:
                 await asyncio.wait_for(self.stopping.wait(), SWEEP_S)
 
     async def sweep_registry(self) -> None:
-        runners = await read_registry(self.runners_kv)
+        try:
+            read = await read_registry(self.runners_kv, self.registry_view.bad_entry)
+        except Exception:
+            self.registry_view.failed()
+            raise
+        runners = self.registry_view.judge(read, self.clock(), self.nc.stats["reconnects"])
 
         def observe(now: float) -> list[Effect]:
             effects = self.machine.observe_runners(runners, now)

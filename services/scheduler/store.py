@@ -4,10 +4,13 @@ revision this process last saw, so two schedulers cannot silently overwrite each
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
 from services.common import codec
+from services.common.metrics import reject
+from services.common.subjects import Subjects
 from services.scheduler.jobs import JobRecord
 
 log = logging.getLogger(__name__)
@@ -18,8 +21,9 @@ def job_key(build_id: int) -> str:
 
 
 class JobStore:
-    def __init__(self, kv: Any) -> None:
+    def __init__(self, kv: Any, subjects: Subjects | None = None) -> None:
         self.kv = kv
+        self.subjects = subjects or Subjects()
         self.revisions: dict[int, int] = {}
 
     async def load(self) -> list[JobRecord]:
@@ -36,9 +40,13 @@ class JobStore:
                     try:
                         rec = JobRecord.from_value(codec.loads(entry.value))
                     except (ValueError, KeyError, TypeError) as exc:
-                        log.error(
-                            "unreadable job record", extra={"key": entry.key, "error": repr(exc)}
-                        )
+                        # Count, record, go on without it; and keep its revision, so the
+                        # job that gets this build ID overwrites the junk instead of
+                        # failing its create (and reloading) forever.
+                        bucket = self.subjects.sched_bucket
+                        reject("scheduler", self.subjects, bucket, repr(exc), key=entry.key)
+                        with contextlib.suppress(ValueError):
+                            self.revisions[int(entry.key.split(".", 1)[1])] = entry.revision
                     else:
                         records.append(rec)
                         self.revisions[rec.build_id] = entry.revision

@@ -21,6 +21,7 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from prometheus_client import REGISTRY
 
 from services.common import bus, codec, crypto, schemas
 from services.common.config import EXAMPLE_MODULES_DIR, Settings
@@ -308,24 +309,30 @@ async def test_refused_claim_does_not_start_the_job(
     assert info.state.messages == 0
 
 
-async def test_unanswered_claim_is_handed_back_and_run_once_answered(
+async def test_unanswered_claim_is_asked_again_and_run_once_answered(
     rsettings: Settings, nc: Client
 ) -> None:
     sched = FakeScheduler(rsettings, nc, nc.jetstream())
     await sched.start(answer_claims=False)
+
+    def unanswered() -> float:
+        return REGISTRY.get_sample_value("xoogify_runner_claims_total", {"answer": "none"}) or 0.0
+
+    before = unanswered()
     async with running(rsettings):
         await sched.dispatch(6, "broken")
         consumer = rsettings.subjects.dispatch_consumer("amd64", "script")
         stream = rsettings.subjects.dispatch_stream
 
-        async def redelivered() -> bool:
-            info = await sched.js.consumer_info(stream, consumer)
-            # Each delivery, redeliveries too, takes a consumer sequence number.
-            return (info.delivered.consumer_seq or 0) >= 2
+        async def asked_twice() -> bool:
+            return unanswered() >= before + 2
 
-        # Nobody answers the claim: the message is handed back (nak) and comes again,
-        # and meanwhile nothing runs.
-        await poll(redelivered)
+        # Nobody answers the claim: the runner asks again, holding the message (a grant
+        # that was recorded but not heard must come back to this runner), and meanwhile
+        # nothing runs.
+        await poll(asked_twice)
+        info = await sched.js.consumer_info(stream, consumer)
+        assert (info.delivered.consumer_seq, info.num_ack_pending) == (1, 1)
         assert sched.chunks(6) == [] and sched.reports(6) == []
         await sched.answer_claims()
         report = await sched.report(6)

@@ -225,7 +225,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         schemas.check("claim_reply", reply)
         self.perform(effects)
         hypothesis.event(f"claim: {reply['reason'] or 'granted'}")
-        if reply["granted"]:
+        if reply["granted"] and before == (Status.WORKING, runner_id, False):
+            # The same runner process asking again (its grant was lost on the way): the
+            # same answer, and nothing changes.
+            assert effects == []
+        elif reply["granted"]:
             assert before == (Status.IN_PROGRESS, None, False) and not stale
             assert self.last_event[build_id]["status"] == Status.WORKING
             assert self.last_event[build_id]["runner_id"] == runner_id
