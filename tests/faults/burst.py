@@ -10,9 +10,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import asyncpg
 import httpx
 
 from services.common.config import Settings
+from tests.stack import Stack
 from tests.support import auth_headers
 
 CONCURRENCY = 16
@@ -27,6 +29,25 @@ def trace_job(n: int) -> dict[str, Any]:
         "module_name": "trace",
         "action": "PLAN",
     }
+
+
+async def start_services(stack: Stack, runners: int = 3) -> None:
+    """The gateway, the scheduler and script runners, as every burst test runs them."""
+    await stack.start_gateway()
+    await stack.start_scheduler()
+    for i in range(runners):
+        await stack.start_runner(f"runner-{i + 1}", kinds="script")
+
+
+async def count_final(database_url: str) -> int:
+    """Jobs already final in Postgres (to tell how many were in flight when a fault hit)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        return int(
+            await conn.fetchval("SELECT count(*) FROM jobs WHERE status IN ('SUCCESS', 'FAILURE')")
+        )
+    finally:
+        await conn.close()
 
 
 @dataclass
@@ -45,6 +66,12 @@ class Burst:
     @property
     def build_ids(self) -> set[int]:
         return set(self.accepted.values())
+
+    async def start(self) -> asyncio.Task[None]:
+        """Begin submitting; return once a third is accepted, the moment a fault hits."""
+        task = asyncio.create_task(self.run())
+        await self.wait_accepted(self.size // 3)
+        return task
 
     async def run(self, deadline_s: float = 300.0) -> None:
         queue: asyncio.Queue[int] = asyncio.Queue()

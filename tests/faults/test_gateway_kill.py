@@ -4,14 +4,12 @@ all 2,000 reach their final status in Postgres, each event stored exactly once."
 
 from __future__ import annotations
 
-import asyncio
 import time
 
-import asyncpg
 import pytest
 
 from services.common.config import Settings
-from tests.faults.burst import Burst
+from tests.faults.burst import Burst, count_final, start_services
 from tests.faults.modules import Trace
 from tests.faults.nothing_lost import check_nothing_lost, record_figures, wait_all_final
 from tests.stack import Stack
@@ -22,21 +20,11 @@ JOBS = 2_000
 # A burst on a shared, loaded machine can take longer than the suite's default.
 @pytest.mark.timeout(300)
 async def test_gateway_sigkill_mid_burst(settings: Settings, stack: Stack, trace: Trace) -> None:
-    await stack.start_gateway()
-    await stack.start_scheduler()
-    for i in range(3):
-        await stack.start_runner(f"runner-{i + 1}", kinds="script")
+    await start_services(stack)
     burst = Burst(settings, JOBS)
-    submitting = asyncio.create_task(burst.run())
-    await burst.wait_accepted(JOBS // 3)
+    submitting = await burst.start()
 
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        final_at_kill = await conn.fetchval(
-            "SELECT count(*) FROM jobs WHERE status IN ('SUCCESS', 'FAILURE')"
-        )
-    finally:
-        await conn.close()
+    final_at_kill = await count_final(settings.database_url)
     accepted_at_kill = len(burst.accepted)
     stack.kill("gateway")
     killed = time.monotonic()

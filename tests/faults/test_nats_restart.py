@@ -8,12 +8,11 @@ import asyncio
 import dataclasses
 import time
 
-import asyncpg
 import pytest
 
 from services.common.config import Settings
 from services.common.embedded import EmbeddedNats
-from tests.faults.burst import Burst
+from tests.faults.burst import Burst, count_final, start_services
 from tests.faults.modules import Trace
 from tests.faults.nothing_lost import check_nothing_lost, record_figures, wait_all_final
 from tests.stack import Stack
@@ -38,23 +37,13 @@ async def test_nats_restart_mid_burst(
     settings: Settings, stack: Stack, trace: Trace, nats_server: EmbeddedNats | None
 ) -> None:
     assert nats_server is not None, "this test restarts its own nats-server"
-    await stack.start_gateway()
-    await stack.start_scheduler()
-    for i in range(3):
-        await stack.start_runner(f"runner-{i + 1}", kinds="script")
+    await start_services(stack)
     # A live page open through the outage: the hub's consumer must come back by itself.
     async with WsRecorder(stack.ws_url, headers=auth_headers(settings)) as ws:
         burst = Burst(settings, JOBS)
-        submitting = asyncio.create_task(burst.run())
-        await burst.wait_accepted(JOBS // 3)
+        submitting = await burst.start()
 
-        conn = await asyncpg.connect(settings.database_url)
-        try:
-            final_at_fault = await conn.fetchval(
-                "SELECT count(*) FROM jobs WHERE status IN ('SUCCESS', 'FAILURE')"
-            )
-        finally:
-            await conn.close()
+        final_at_fault = await count_final(settings.database_url)
         accepted_at_fault = len(burst.accepted)
         nats_server.kill()
         down = time.monotonic()

@@ -8,13 +8,12 @@ from __future__ import annotations
 import asyncio
 import time
 
-import asyncpg
 import httpx
 import pytest
 
 from services.common.config import Settings
 from services.common.embedded import EmbeddedPostgres
-from tests.faults.burst import Burst
+from tests.faults.burst import Burst, count_final, start_services
 from tests.faults.modules import Trace
 from tests.faults.nothing_lost import check_nothing_lost, record_figures, wait_all_final
 from tests.stack import Stack
@@ -35,21 +34,11 @@ def database_url(own_database_url: str) -> str:
 async def test_postgres_down_10s_mid_burst(
     settings: Settings, stack: Stack, trace: Trace, own_postgres: EmbeddedPostgres
 ) -> None:
-    await stack.start_gateway()
-    await stack.start_scheduler()
-    for i in range(3):
-        await stack.start_runner(f"runner-{i + 1}", kinds="script")
+    await start_services(stack)
     burst = Burst(settings, JOBS)
-    submitting = asyncio.create_task(burst.run())
-    await burst.wait_accepted(JOBS // 3)
+    submitting = await burst.start()
 
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        final_at_fault = await conn.fetchval(
-            "SELECT count(*) FROM jobs WHERE status IN ('SUCCESS', 'FAILURE')"
-        )
-    finally:
-        await conn.close()
+    final_at_fault = await count_final(settings.database_url)
     accepted_at_fault = len(burst.accepted)
     async with httpx.AsyncClient(
         base_url=settings.gateway_url, headers=auth_headers(settings), timeout=5

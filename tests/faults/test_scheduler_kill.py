@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 
 from services.common.config import Settings
-from tests.faults.burst import Burst
+from tests.faults.burst import Burst, start_services
 from tests.faults.modules import Trace
 from tests.faults.nothing_lost import check_nothing_lost, record_figures, wait_all_final
 from tests.stack import Stack
@@ -22,13 +22,9 @@ JOBS = 600
 # A burst on a shared, loaded machine can take longer than the suite's default.
 @pytest.mark.timeout(300)
 async def test_scheduler_sigkill_mid_burst(settings: Settings, stack: Stack, trace: Trace) -> None:
-    await stack.start_gateway()
-    await stack.start_scheduler()
-    for i in range(3):
-        await stack.start_runner(f"runner-{i + 1}", kinds="script")
+    await start_services(stack)
     burst = Burst(settings, JOBS)
-    submitting = asyncio.create_task(burst.run())
-    await burst.wait_accepted(JOBS // 3)
+    submitting = await burst.start()
 
     conn = await asyncpg.connect(settings.database_url)
     try:
