@@ -14,9 +14,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.common import codec, schemas
+from services.common import codec
 from services.common.filters import JobFilter
-from services.common.status import is_final
+from services.common.schemas import Problem, SchemaError
+from services.common.status import Status, is_final
+from services.gateway.db import JOB_FIELDS
 
 
 @dataclass(frozen=True)
@@ -29,14 +31,49 @@ class Item:
     raw: bytes
 
 
+# What the hub relies on in an event. The full JSON-Schema check is ingestion's (the stream
+# is written only by the scheduler, under NATS permissions); here a cheap one keeps a
+# malformed message from breaking filters or frames: it is rejected and counted.
+_REQUIRED = frozenset(JOB_FIELDS) | {"event_id"}
+_NAMES = ("organization", "environment", "module_type", "module_name", "action", "event_id")
+_STATUSES = frozenset(s.value for s in Status)
+
+
+def _problem(job: Any) -> Problem | None:
+    if not isinstance(job, dict):
+        return Problem("(body)", "not a JSON object")
+    if not _REQUIRED <= job.keys():
+        missing = sorted(_REQUIRED - job.keys())
+        return Problem(missing[0], "is a required property")
+    for key in ("build_id", "seq"):
+        value = job[key]
+        if type(value) is not int or value < 1:
+            return Problem(key, "must be an integer >= 1")
+    for key in _NAMES:
+        if type(job[key]) is not str:
+            return Problem(key, "must be a string")
+    if job["status"] not in _STATUSES:
+        return Problem("status", "is not a known status")
+    if "stream_seq" in job:
+        return Problem("stream_seq", "is set by the gateway, not the event")
+    return None
+
+
 def make_item(stream_seq: int, data: bytes) -> Item:
-    """Validate a `job_event` payload and encode it once, with its `stream_seq` added.
+    """Check a `job_event` payload (cheaply, see `_problem`) and encode it once, with its
+    `stream_seq` added.
 
     Raises SchemaError for a bad payload (the caller counts and skips it).
     """
-    job = dict(schemas.decode("job_event", data))
+    try:
+        job = codec.loads(data)
+    except ValueError as exc:
+        raise SchemaError("job_event", [Problem("(body)", f"not valid JSON: {exc}")]) from None
+    problem = _problem(job)
+    if problem is not None:
+        raise SchemaError("job_event", [problem])
     job["stream_seq"] = stream_seq
-    return Item(stream_seq, int(job["build_id"]), job, codec.dumps(job))
+    return Item(stream_seq, job["build_id"], job, codec.dumps(job))
 
 
 def jobs_frame(items: Iterable[Item]) -> str:
