@@ -14,7 +14,7 @@ from services.common.config import Settings
 from services.gateway.context import GatewayContext
 from services.gateway.ingest import Decoded, Ingestor
 from tests.integration.ws_support import job_event, publisher, serve_gateway
-from tests.support import eventually
+from tests.support import auth_headers, eventually
 
 
 async def fetchval(settings: Settings, sql: str, *args: Any) -> Any:
@@ -41,7 +41,7 @@ async def test_events_are_stored_once_and_never_move_a_job_back(settings: Settin
         subject = settings.subjects.event("acme", "stg", 1)
         await pub.js.publish(subject, codec.dumps(job_event(1, 2, "WORKING")))
         last = await pub.last_seq()
-        async with httpx.AsyncClient(base_url=gw.url) as client:
+        async with httpx.AsyncClient(base_url=gw.url, headers=auth_headers(settings)) as client:
 
             async def caught_up() -> dict[str, Any] | None:
                 body = (await client.get("/api/jobs")).json()
@@ -50,6 +50,8 @@ async def test_events_are_stored_once_and_never_move_a_job_back(settings: Settin
             listing = await eventually(caught_up, timeout=15)
             job = (await client.get("/api/jobs/1")).json()
         assert [j["build_id"] for j in listing["items"]] == [1]
+        # The list (times formatted by Postgres) and the job (by Python) agree exactly.
+        assert listing["items"][0] == {k: v for k, v in job.items() if k != "events"}
         assert job["status"] == "SUCCESS" and job["seq"] == 3
         assert job["finished_at"] == "2026-11-24T07:00:00.123Z"
         assert [(e["seq"], e["status"]) for e in job["events"]] == [
