@@ -68,7 +68,8 @@ _INSERT_EVENTS = """
 INSERT INTO job_events (event_id, build_id, seq, status, at, reason, runner_id, exit_code,
                         queue_position, stream_seq, payload)
 SELECT * FROM unnest($1::text[], $2::bigint[], $3::int[], $4::text[], $5::timestamptz[],
-                     $6::text[], $7::text[], $8::int[], $9::int[], $10::bigint[], $11::jsonb[])
+                     $6::text[], $7::text[], $8::int[], $9::int[], $10::bigint[],
+                     $11::text[]::jsonb[])
 ON CONFLICT (event_id) DO NOTHING
 """
 _INSERT_CHUNKS = """
@@ -167,7 +168,9 @@ def event_rows(
                 e["exit_code"],
                 e["queue_position"],
                 d.stream_seq,
-                e,
+                # The payload as received (validated JSON): cheaper to send as text than
+                # to encode the parsed event again.
+                d.raw.decode(),
             )
         )
         if e.get("variables") is not None:

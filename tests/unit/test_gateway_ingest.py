@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from services.common import codec
 from services.gateway.ingest import Decoded, event_rows
 
 AT = "2026-11-24T07:00:00.123Z"
@@ -33,7 +34,7 @@ def event(build_id: int, seq: int, status: str = "WORKING") -> dict[str, Any]:
 
 
 def decoded(stream_seq: int, body: dict[str, Any]) -> Decoded:
-    return Decoded(stream_seq, "xoogify.events.acme.stg.1", body, None, b"")
+    return Decoded(stream_seq, "xoogify.events.acme.stg.1", body, None, codec.dumps(body))
 
 
 def test_one_job_row_per_build_with_its_highest_seq() -> None:
@@ -45,6 +46,8 @@ def test_one_job_row_per_build_with_its_highest_seq() -> None:
     ]
     upserts, inserts, _ = event_rows(batch)
     assert [i[0] for i in inserts] == ["1-1", "1-3", "1-2", "2-1"]
+    # The stored payload is the message as received.
+    assert [codec.loads(i[10]) for i in inserts] == [d.body for d in batch]
     by_build = {u[0]: u for u in upserts}
     assert set(by_build) == {1, 2}
     assert by_build[1][6] == "SUCCESS" and by_build[1][11] == 3 and by_build[1][17] == 11
