@@ -109,6 +109,10 @@ class Puller:
         if not self._msgs:
             # What the stream holds now, answered at once (then "no messages").
             await self._request({"batch": batch, "no_wait": True}, batch, timeout)
+            if not self._msgs and not self._ready.is_set():
+                # The server always answers a no_wait pull: silence means our inbox or the
+                # connection is gone. The caller subscribes again.
+                raise ConsumerGone("no answer to a pull request")
         if not self._msgs:
             # Nothing waiting: a long poll, back as soon as something arrives. It expires
             # on the server a little before we stop waiting here.

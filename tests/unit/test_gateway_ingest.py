@@ -6,6 +6,7 @@ from typing import Any
 
 from services.common import codec
 from services.gateway.ingest import Decoded, event_rows
+from services.gateway.pull import stream_seq
 
 AT = "2026-11-24T07:00:00.123Z"
 
@@ -69,3 +70,15 @@ def test_collapsing_keeps_the_variables_of_the_first_event() -> None:
     )
     assert upsert[11] == 3 and upsert[18] == {"A": "1", "S": "***"}
     assert fills == [(1, {"A": "1", "S": "***"})]
+
+
+def test_stream_seq_from_both_reply_subject_forms() -> None:
+    from nats.aio.msg import Msg
+
+    def msg(reply: str) -> Msg:
+        return Msg(_client=None, subject="xoogify.events.acme.stg.1", reply=reply)  # type: ignore[arg-type]
+
+    v1 = "$JS.ACK.XOOGIFY_EVENTS.ingest-events-gw.1.4711.12.1732431600000000000.3"
+    v2 = "$JS.ACK.hub.ACCHASH.XOOGIFY_EVENTS.ingest-events-gw.2.4712.13.1732431600000000000.0.tok"
+    assert stream_seq(msg(v1)) == 4711
+    assert stream_seq(msg(v2)) == 4712
