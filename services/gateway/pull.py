@@ -23,6 +23,8 @@ _STATUS = "Status"
 _HEARTBEAT = "100"
 # Ends a pull request: no messages (no_wait), request expired, or a limit reached.
 _REQUEST_OVER = {"404", "408", "409"}
+# No answer at all to this many no_wait pulls in a row: subscribe again.
+UNANSWERED_LIMIT = 5
 
 
 class ConsumerGone(Exception):
@@ -56,6 +58,7 @@ class Puller:
         self._want = 0
         self._ready = asyncio.Event()
         self._error: str | None = None
+        self._unanswered = 0
 
     async def start(self) -> None:
         self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg)
@@ -109,10 +112,15 @@ class Puller:
         if not self._msgs:
             # What the stream holds now, answered at once (then "no messages").
             await self._request({"batch": batch, "no_wait": True}, batch, timeout)
-            if not self._msgs and not self._ready.is_set():
-                # The server always answers a no_wait pull: silence means our inbox or the
-                # connection is gone. The caller subscribes again.
-                raise ConsumerGone("no answer to a pull request")
+            if self._msgs or self._ready.is_set():
+                self._unanswered = 0
+            else:
+                # The server always answers a no_wait pull: silence, again and again, means
+                # our inbox or the connection is gone (once may be a busy machine).
+                self._unanswered += 1
+                if self._unanswered >= UNANSWERED_LIMIT:
+                    self._unanswered = 0
+                    raise ConsumerGone("no answer to pull requests")
         if not self._msgs:
             # Nothing waiting: a long poll, back as soon as something arrives. It expires
             # on the server a little before we stop waiting here.
