@@ -12,7 +12,7 @@ import asyncpg
 
 from bench.job_events import interleaved_lives, publish_all
 from bench.report import Result
-from bench.stack import BenchStack, Servers, running_stack
+from bench.stack import BenchStack, Servers, cpu_s, running_stack
 from services.common import bus
 
 DEFAULT = 150_000
@@ -47,12 +47,14 @@ async def measure(bench: BenchStack, events: int) -> dict[str, Any]:
     conn = await asyncpg.connect(bench.settings.database_url)
     try:
         js = nc.jetstream(publish_async_max_pending=4000)
+        cpu_start = cpu_s(bench.gateway_pid)
         start = time.perf_counter()
         last = await publish_all(js, bench.settings.subjects, lives)
         published = time.perf_counter()
         stored_at_publish = await watermark(conn)
         # Generous: a slow run is a figure, only a lost event is a failure.
         done = await wait_watermark(conn, last, timeout=max(120.0, events / 200))
+        gateway_cpu = cpu_s(bench.gateway_pid) - cpu_start
         stored_events = await conn.fetchval("SELECT count(*) FROM job_events")
         stored_jobs = await conn.fetchval("SELECT count(*) FROM jobs")
         final_jobs = await conn.fetchval(
@@ -68,6 +70,9 @@ async def measure(bench: BenchStack, events: int) -> dict[str, Any]:
         "ingest_lag_after_publish_ms": (done - published) * 1000,
         # The backlog left when publishing ended, stored with the publisher quiet.
         "backlog_events_per_s": (last - stored_at_publish) / (done - published),
+        # The gateway's CPU (ingestion and the hub) per event: steadier than the rates
+        # on a shared machine.
+        "gateway_cpu_us_per_event": gateway_cpu / len(lives) * 1e6,
         "stored_events": int(stored_events),
         "stored_jobs": int(stored_jobs),
         "final_jobs": int(final_jobs),

@@ -40,9 +40,7 @@ _SELECT_JOB = "SELECT " + ", ".join(JOB_FIELDS) + ", variables FROM jobs"
 
 # Every filter is a parameter; with plan_cache_mode=force_custom_plan (set on the pool)
 # Postgres drops the `$n IS NULL` branches and uses the matching index.
-_LIST_JOBS = (
-    _SELECT_JOB
-    + """
+_PAGE_WHERE = """
  WHERE ($1::text IS NULL OR organization = $1)
    AND ($2::text IS NULL OR environment = $2)
    AND ($3::text IS NULL OR status = $3)
@@ -56,7 +54,25 @@ _LIST_JOBS = (
    AND ($11::text[] IS NULL OR organization = ANY($11))
  ORDER BY build_id DESC
  LIMIT $10"""
+
+
+def _as_text(name: str) -> str:
+    # The contract's time format (services.common.timefmt.format_time), made by Postgres:
+    # formatting four times per row in Python was a third of a list request's CPU.
+    return f"""to_char({name} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') AS {name}"""
+
+
+_PAGE_COLUMNS = ", ".join(_as_text(n) if n in _TIME_FIELDS else n for n in JOB_FIELDS)
+# The watermark and the page in one statement, so in one round trip and one snapshot: the
+# page reflects at least every event up to the watermark (ingestion commits both together).
+_LIST_PAGE = f"""
+WITH mark AS (
+    SELECT coalesce(max(watermark), 0) AS watermark FROM ingest_progress WHERE kind = 'events'
 )
+SELECT mark.watermark, page.* FROM mark LEFT JOIN LATERAL (
+    SELECT {_PAGE_COLUMNS}, variables FROM jobs {_PAGE_WHERE}
+) page ON true
+ORDER BY page.build_id DESC"""
 
 
 async def init_connection(conn: asyncpg.Connection) -> None:
@@ -128,10 +144,17 @@ async def list_jobs(
     before: int | None,
     scope: Sequence[str] | None = None,
 ) -> tuple[list[dict[str, Any]], int | None, int]:
-    """(items newest first, `next` for paging, watermark read before the items)."""
-    mark = await watermark(pool)
-    rows = await pool.fetch(_LIST_JOBS, *list_params(flt, limit, before, scope))
-    items = [job_from_row(r) for r in rows[:limit]]
+    """(items newest first, `next` for paging, the watermark the items reflect)."""
+    rows = await pool.fetch(_LIST_PAGE, *list_params(flt, limit, before, scope))
+    mark = int(rows[0]["watermark"]) if rows else 0
+    items = []
+    for row in rows[:limit]:
+        if row["build_id"] is None:
+            break  # no jobs: the one row only carries the watermark
+        job = {name: row[name] for name in JOB_FIELDS}
+        if row["variables"] is not None:
+            job["variables"] = row["variables"]
+        items.append(job)
     next_before = items[-1]["build_id"] if len(rows) > limit else None
     return items, next_before, mark
 

@@ -1,10 +1,13 @@
 """The websocket fan-out hub: one ordered consumer on the events stream, live only, and a
 bounded queue per socket (see `live_client.LiveClient`).
 
-Each event is validated and encoded once, then offered to every socket without awaiting,
-so a slow socket never slows the hub or anyone else. A watchdog restarts the ordered
-consumer from `last_seq + 1` when it stops delivering (nats-py may not recreate it after a
-NATS restart).
+Each event is checked and encoded once, then offered to every socket without awaiting,
+so a slow socket never slows the hub or anyone else. Events are handed to the sockets in
+flushes: at once while few sockets are connected, at most one flush per few milliseconds
+per hundred sockets when many are (each flush wakes and sends to every socket, so with a
+thousand sockets one send per socket per event would be most of the gateway's CPU). A
+watchdog restarts the ordered consumer after the last event received when it stops
+delivering (nats-py may not recreate it after a NATS restart).
 """
 
 from __future__ import annotations
@@ -24,10 +27,15 @@ from services.common.schemas import SchemaError
 from services.common.status import is_final
 from services.gateway.context import GatewayContext
 from services.gateway.live_client import Item, LiveClient, make_item
+from services.gateway.pull import stream_seq
 
 log = logging.getLogger(__name__)
 
 RECENT_FINAL = 10_000
+# Flushes to the sockets are at least (sockets * FLUSH_PER_CLIENT_S) apart (100 ms for a
+# thousand sockets), never more than FLUSH_MAX_S.
+FLUSH_PER_CLIENT_S = 0.0001
+FLUSH_MAX_S = 0.1
 
 WS_CLIENTS = Gauge("xoogify_gateway_ws_clients", "Websockets connected to this gateway")
 WS_RESYNCS = Counter("xoogify_gateway_ws_resyncs_total", "Websockets sent `resync`")
@@ -49,7 +57,13 @@ class Hub:
         watchdog_interval: float = 1.0,
     ) -> None:
         self.ctx = ctx
+        # The last event handed to the sockets (a `hello`'s watermark, a replay's switch
+        # point) and the last one received from the stream (which may wait for a flush).
         self.last_seq = 0
+        self.received_seq = 0
+        self._pending: list[Item] = []
+        self._flush_at: asyncio.TimerHandle | None = None
+        self._last_flush = 0.0
         # Tunables read when a socket connects (tests lower them).
         self.queue_limit = queue_limit
         self.buffer_limit = buffer_limit
@@ -69,7 +83,7 @@ class Hub:
     async def start(self) -> None:
         info = await self.ctx.js.stream_info(self.ctx.settings.subjects.events_stream)
         # Live only: whatever is already in the stream is the snapshot's or a replay's job.
-        self.last_seq = info.state.last_seq
+        self.last_seq = self.received_seq = info.state.last_seq
         await self._subscribe()
         self._watchdog = asyncio.create_task(self._watch(), name="hub-watchdog")
 
@@ -79,6 +93,9 @@ class Hub:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watchdog
         await self._unsubscribe()
+        if self._flush_at is not None:
+            self._flush_at.cancel()
+            self._flush_at = None
         for waiters in self._final_waiters.values():
             for fut in waiters:
                 fut.cancel()
@@ -92,7 +109,7 @@ class Hub:
             cb=self._on_msg,
             ordered_consumer=True,
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-            config=ConsumerConfig(opt_start_seq=self.last_seq + 1),
+            config=ConsumerConfig(opt_start_seq=self.received_seq + 1),
             idle_heartbeat=2.0,
         )
 
@@ -107,7 +124,7 @@ class Hub:
         whole interval without progress."""
         stream = self.ctx.settings.subjects.events_stream
         behind_target: int | None = None
-        seen = self.last_seq
+        seen = self.received_seq
         while True:
             await asyncio.sleep(self.watchdog_interval)
             if not self.ctx.nc.is_connected:
@@ -119,17 +136,18 @@ class Hub:
                 continue
             stuck = (
                 behind_target is not None
-                and self.last_seq < behind_target
-                and self.last_seq == seen
+                and self.received_seq < behind_target
+                and self.received_seq == seen
             )
             if stuck:
                 await self.restart("no delivery while the stream is ahead")
-            seen = self.last_seq
+            seen = self.received_seq
             last = info.state.last_seq
-            behind_target = last if last > self.last_seq else None
+            behind_target = last if last > self.received_seq else None
 
     async def restart(self, why: str) -> None:
-        log.warning("hub consumer restarted", extra={"reason": why, "from_seq": self.last_seq + 1})
+        extra = {"reason": why, "from_seq": self.received_seq + 1}
+        log.warning("hub consumer restarted", extra=extra)
         self.restarts += 1
         HUB_RESTARTS.inc()
         await self._unsubscribe()
@@ -141,13 +159,13 @@ class Hub:
 
     # --- events ------------------------------------------------------------------------
     async def _on_msg(self, msg: Msg) -> None:
-        self.dispatch(msg.metadata.sequence.stream, msg.subject, msg.data)
+        self.dispatch(stream_seq(msg), msg.subject, msg.data)
 
     def dispatch(self, stream_seq: int, subject: str, data: bytes) -> None:
-        """Offer one stream event to every socket. Never awaits."""
-        if stream_seq <= self.last_seq:
+        """Take one stream event for the sockets' next flush. Never awaits."""
+        if stream_seq <= self.received_seq:
             return  # already dispatched (a restarted consumer may overlap)
-        self.last_seq = stream_seq
+        self.received_seq = stream_seq
         try:
             item = make_item(stream_seq, data)
         except SchemaError as exc:
@@ -157,12 +175,29 @@ class Hub:
                 "bad job event skipped",
                 extra={"subject": subject, "stream_seq": stream_seq, "error": str(exc)},
             )
+            if not self._pending:
+                self.last_seq = stream_seq  # nothing waits before it: sockets are past it
             return
-        self.fan_out(item)
+        self._note_final(item)
+        self._pending.append(item)
+        if self._flush_at is None:
+            loop = asyncio.get_running_loop()
+            spacing = min(FLUSH_MAX_S, len(self.clients) * FLUSH_PER_CLIENT_S)
+            self._flush_at = loop.call_at(max(loop.time(), self._last_flush + spacing), self.flush)
 
-    def fan_out(self, item: Item) -> None:
+    def flush(self) -> None:
+        """Hand every pending event to every socket, in order (one wake-up per socket)."""
+        self._flush_at = None
+        items, self._pending = self._pending, []
+        if not items:
+            return
+        self._last_flush = asyncio.get_running_loop().time()
+        self.last_seq = items[-1].stream_seq
         for client in self.clients:
-            client.offer(item)
+            client.offer_many(items)
+
+    def _note_final(self, item: Item) -> None:
+        # Log followers wait for this: told at once, not at the sockets' flush.
         if is_final(item.job["status"]):
             self._recent_final[item.build_id] = item.job["status"]
             if len(self._recent_final) > RECENT_FINAL:

@@ -9,14 +9,17 @@ most once per socket, so a `since` replay never repeats what live delivery alrea
 from __future__ import annotations
 
 import asyncio
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.common import codec, schemas
+from services.common import codec
 from services.common.filters import JobFilter
-from services.common.status import is_final
+from services.common.schemas import Problem, SchemaError
+from services.common.status import Status, is_final
+from services.gateway.db import JOB_FIELDS
 
 
 @dataclass(frozen=True)
@@ -29,19 +32,69 @@ class Item:
     raw: bytes
 
 
+# What the hub relies on in an event. The full JSON-Schema check is ingestion's (the stream
+# is written only by the scheduler, under NATS permissions); here a cheap one keeps a
+# malformed message from breaking filters or frames: it is rejected and counted.
+_REQUIRED = frozenset(JOB_FIELDS) | {"event_id"}
+_NAMES = ("organization", "environment", "module_type", "module_name", "action", "event_id")
+_STATUSES = frozenset(s.value for s in Status)
+
+
+def _problem(job: Any) -> Problem | None:
+    if not isinstance(job, dict):
+        return Problem("(body)", "not a JSON object")
+    if not _REQUIRED <= job.keys():
+        missing = sorted(_REQUIRED - job.keys())
+        return Problem(missing[0], "is a required property")
+    for key in ("build_id", "seq"):
+        value = job[key]
+        if type(value) is not int or value < 1:
+            return Problem(key, "must be an integer >= 1")
+    for key in _NAMES:
+        if type(job[key]) is not str:
+            return Problem(key, "must be a string")
+    if job["status"] not in _STATUSES:
+        return Problem("status", "is not a known status")
+    if "stream_seq" in job:
+        return Problem("stream_seq", "is set by the gateway, not the event")
+    return None
+
+
 def make_item(stream_seq: int, data: bytes) -> Item:
-    """Validate a `job_event` payload and encode it once, with its `stream_seq` added.
+    """Check a `job_event` payload (cheaply, see `_problem`) and encode it once, with its
+    `stream_seq` added.
 
     Raises SchemaError for a bad payload (the caller counts and skips it).
     """
-    job = dict(schemas.decode("job_event", data))
+    try:
+        job = codec.loads(data)
+    except ValueError as exc:
+        raise SchemaError("job_event", [Problem("(body)", f"not valid JSON: {exc}")]) from None
+    problem = _problem(job)
+    if problem is not None:
+        raise SchemaError("job_event", [problem])
     job["stream_seq"] = stream_seq
-    return Item(stream_seq, int(job["build_id"]), job, codec.dumps(job))
+    return Item(stream_seq, job["build_id"], job, codec.dumps(job))
 
 
-def jobs_frame(items: Iterable[Item]) -> str:
+class _LastFrame:
+    """The last `jobs` frame built. After a hub flush, every socket with the same filter
+    takes the same items, one after the other: they share one frame instead of joining the
+    same bytes a thousand times."""
+
+    items: list[Item] = []
+    text = ""
+
+
+def jobs_frame(items: list[Item]) -> str:
     """`{"type": "jobs", "items": [...]}` from pre-encoded items, without re-encoding them."""
-    return (b'{"type":"jobs","items":[' + b",".join(i.raw for i in items) + b"]}").decode()
+    # List equality compares identity first: cheap when the items are the same objects.
+    if items != _LastFrame.items:
+        _LastFrame.text = (
+            b'{"type":"jobs","items":[' + b",".join(i.raw for i in items) + b"]}"
+        ).decode()
+        _LastFrame.items = list(items)
+    return _LastFrame.text
 
 
 class Visibility:
@@ -52,7 +105,9 @@ class Visibility:
     def __init__(self, flt: JobFilter, orgs: frozenset[str] | None = None) -> None:
         self.filter = flt
         self.orgs = orgs
-        self._everything = flt.is_empty()
+        # True only when every event is wanted: then the per-event check is skipped. A
+        # socket restricted to some organizations is checked in `wants`, for every event.
+        self.everything = flt.is_empty() and orgs is None
         # Jobs this socket was sent that may still change; final ones cannot, so the set
         # stays as small as the number of live jobs.
         self.tracked: set[int] = set()
@@ -60,7 +115,7 @@ class Visibility:
     def wants(self, item: Item) -> bool:
         if self.orgs is not None and item.job["organization"] not in self.orgs:
             return False
-        if self._everything:
+        if self.everything:
             return True
         if self.filter.matches(item.job):
             if is_final(item.job["status"]):
@@ -75,31 +130,106 @@ class Visibility:
 
 
 class SentSeqs:
-    """The stream sequences a socket was sent, remembering the most recent `limit`."""
+    """The stream sequences a socket was sent, as sorted disjoint ranges, remembering the
+    most recent (highest) `limit` of them.
+
+    Live delivery sends increasing sequences, so a socket that sees everything holds one
+    range however much it was sent: memory stays flat with a thousand sockets.
+    """
 
     def __init__(self, limit: int = 100_000) -> None:
         self.limit = limit
-        self._order: deque[int] = deque()
-        self._set: set[int] = set()
+        # Range i is starts[i]..ends[i], inclusive; ranges neither overlap nor touch.
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+        self._count = 0
+
+    @property
+    def highest(self) -> int:
+        return self._ends[-1] if self._ends else 0
 
     def __contains__(self, seq: object) -> bool:
-        return seq in self._set
+        if not isinstance(seq, int):
+            return False
+        i = bisect_right(self._starts, seq) - 1
+        return i >= 0 and seq <= self._ends[i]
 
     def add(self, seq: int) -> None:
-        if seq in self._set:
+        starts, ends = self._starts, self._ends
+        if ends and seq > ends[-1]:  # the usual case: after everything sent so far
+            if seq == ends[-1] + 1:
+                ends[-1] = seq
+            else:
+                starts.append(seq)
+                ends.append(seq)
+        else:
+            i = bisect_right(starts, seq) - 1
+            if i >= 0 and seq <= ends[i]:
+                return
+            joins_left = i >= 0 and ends[i] == seq - 1
+            joins_right = i + 1 < len(starts) and starts[i + 1] == seq + 1
+            if joins_left and joins_right:
+                ends[i] = ends[i + 1]
+                del starts[i + 1], ends[i + 1]
+            elif joins_left:
+                ends[i] = seq
+            elif joins_right:
+                starts[i + 1] = seq
+            else:
+                starts.insert(i + 1, seq)
+                ends.insert(i + 1, seq)
+        self._count += 1
+        self._trim()
+
+    def add_many(self, seqs: list[int]) -> None:
+        """Add sequences given in increasing order (a flush of the hub, after filtering)."""
+        if not seqs:
             return
-        self._set.add(seq)
-        self._order.append(seq)
-        while len(self._order) > self.limit:
-            self._set.discard(self._order.popleft())
+        first, last = seqs[0], seqs[-1]
+        if first > self.highest and last - first + 1 == len(seqs):
+            # One run of consecutive sequences after everything sent: one range.
+            if self._ends and first == self._ends[-1] + 1:
+                self._ends[-1] = last
+            else:
+                self._starts.append(first)
+                self._ends.append(last)
+            self._count += len(seqs)
+            self._trim()
+            return
+        for seq in seqs:
+            self.add(seq)
+
+    def _trim(self) -> None:
+        starts, ends = self._starts, self._ends
+        while self._count > self.limit:
+            excess = self._count - self.limit
+            size = ends[0] - starts[0] + 1
+            if size <= excess:
+                del starts[0], ends[0]
+                self._count -= size
+            else:
+                starts[0] += excess
+                self._count -= excess
 
     def discard(self, seq: int) -> None:
-        # Only called for the few items of a dropped backlog; the deque keeps a stale
-        # entry, which is harmless (popping it later discards nothing).
-        self._set.discard(seq)
+        starts, ends = self._starts, self._ends
+        i = bisect_right(starts, seq) - 1
+        if i < 0 or seq > ends[i]:
+            return
+        if starts[i] == ends[i]:
+            del starts[i], ends[i]
+        elif seq == starts[i]:
+            starts[i] += 1
+        elif seq == ends[i]:
+            ends[i] -= 1
+        else:
+            starts.insert(i + 1, seq + 1)
+            ends.insert(i + 1, ends[i])
+            ends[i] = seq - 1
+        self._count -= 1
 
     def __len__(self) -> int:
-        return len(self._set)
+        return self._count
 
 
 @dataclass(frozen=True)
@@ -158,25 +288,37 @@ class LiveClient:
 
     def offer(self, item: Item) -> None:
         """A live event from the hub."""
-        if self.paused:
+        self.offer_many([item])
+
+    def offer_many(self, items: list[Item]) -> None:
+        """Live events from the hub, in stream order: one flush of the hub."""
+        if self.paused or not items:
             return
         if self.replaying:
             # Filtered only at the hand-over, in order, so that an update taking a job out
             # of the filter is recognised even when the replay had not yet reached it.
-            self.buffer.append(item)
+            self.buffer.extend(items)
             if len(self.buffer) > self.buffer_limit:
                 self.overflow("fell behind during replay")
             return
-        self._deliver(item)
+        self._deliver(items)
 
-    def _deliver(self, item: Item) -> bool:
-        if item.stream_seq in self.sent or not self.visibility.wants(item):
-            return False
-        if len(self.queue) >= self.queue_limit:
+    def _deliver(self, items: list[Item]) -> None:
+        sent = self.sent
+        if items[0].stream_seq <= sent.highest:
+            # Only after a replay can a sequence come twice; live ones are all new.
+            items = [i for i in items if i.stream_seq not in sent]
+        if not self.visibility.everything:
+            wants = self.visibility.wants
+            items = [i for i in items if wants(i)]
+        if not items:
+            return
+        if len(self.queue) + len(items) > self.queue_limit:
             self.overflow("fell behind: send queue full")
-            return False
-        self._enqueue(item)
-        return True
+            return
+        self.queue.extend(items)
+        sent.add_many([i.stream_seq for i in items])
+        self.wake.set()
 
     def _enqueue(self, item: Item) -> None:
         self.queue.append(item)
@@ -227,23 +369,32 @@ class LiveClient:
         """Hand over to live: deliver the buffered items after the replay's end."""
         buffered, self.buffer = self.buffer, []
         self.replaying = False
-        for item in buffered:
-            if window.in_live(item.stream_seq):
-                self._deliver(item)
+        live = [item for item in buffered if window.in_live(item.stream_seq)]
+        if live:
+            self._deliver(live)
 
     def take(self, max_items: int = 500, max_bytes: int = 512 * 1024) -> list[Item]:
         """The next frame's items: as many as are queued, within both bounds (a single
         bigger item still goes, alone), so clients with a 1 MiB frame limit keep up."""
-        items: list[Item] = []
+        queue = self.queue
+        if not queue:
+            return []
+        if len(queue) <= max_items:
+            # The usual case: everything queued fits in one frame.
+            items = list(queue)
+            if sum(len(i.raw) for i in items) <= max_bytes:
+                queue.clear()
+                self.space.set()
+                return items
+        items = []
         size = 0
-        while self.queue and len(items) < max_items:
-            nxt = len(self.queue[0].raw)
+        while queue and len(items) < max_items:
+            nxt = len(queue[0].raw)
             if items and size + nxt > max_bytes:
                 break
-            items.append(self.queue.popleft())
+            items.append(queue.popleft())
             size += nxt
-        if items:
-            self.space.set()
+        self.space.set()
         return items
 
     def take_resync(self) -> str | None:

@@ -11,6 +11,7 @@ import httpx
 
 from services.common import codec
 from services.common.config import Settings
+from services.common.embedded import EmbeddedNats
 from services.gateway.context import GatewayContext
 from services.gateway.ingest import Decoded, Ingestor
 from tests.integration.ws_support import job_event, publisher, serve_gateway
@@ -50,6 +51,8 @@ async def test_events_are_stored_once_and_never_move_a_job_back(settings: Settin
             listing = await eventually(caught_up, timeout=15)
             job = (await client.get("/api/jobs/1")).json()
         assert [j["build_id"] for j in listing["items"]] == [1]
+        # The list (times formatted by Postgres) and the job (by Python) agree exactly.
+        assert listing["items"][0] == {k: v for k, v in job.items() if k != "events"}
         assert job["status"] == "SUCCESS" and job["seq"] == 3
         assert job["finished_at"] == "2026-11-24T07:00:00.123Z"
         assert [(e["seq"], e["status"]) for e in job["events"]] == [
@@ -167,3 +170,32 @@ async def test_watermark_counts_only_a_contiguous_prefix(settings: Settings) -> 
         assert await mark() == 1  # 2 is still missing
         await ingestor._store([decoded(2, 12)])
         assert await mark() == 4
+
+
+async def test_ingestion_carries_on_after_a_nats_restart(
+    settings: Settings, nats_server: EmbeddedNats | None
+) -> None:
+    assert nats_server is not None, "needs its own nats-server to restart"
+    async with publisher(settings) as pub, serve_gateway(settings):
+
+        async def stored_up_to(last: int) -> bool:
+            mark = await fetchval(
+                settings, "SELECT max(watermark) FROM ingest_progress WHERE kind = 'events'"
+            )
+            return bool(mark is not None and mark >= last)
+
+        before = await pub.life(1)
+        await eventually(lambda: stored_up_to(before[-1]), timeout=15)
+        nats_server.stop()
+        nats_server.start()
+
+        async def republished() -> list[int] | None:
+            try:
+                return await pub.life(2)
+            except Exception:
+                return None  # still reconnecting
+
+        after = await eventually(republished, timeout=30)
+        await eventually(lambda: stored_up_to(after[-1]), timeout=45)
+    assert await fetchval(settings, "SELECT count(*) FROM job_events") == 6
+    assert await fetchval(settings, "SELECT status FROM jobs WHERE build_id = 2") == "SUCCESS"

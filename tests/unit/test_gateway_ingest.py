@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from services.common import codec
 from services.gateway.ingest import Decoded, event_rows
+from services.gateway.pull import stream_seq
 
 AT = "2026-11-24T07:00:00.123Z"
 
@@ -33,7 +35,7 @@ def event(build_id: int, seq: int, status: str = "WORKING") -> dict[str, Any]:
 
 
 def decoded(stream_seq: int, body: dict[str, Any]) -> Decoded:
-    return Decoded(stream_seq, "xoogify.events.acme.stg.1", body, None, b"")
+    return Decoded(stream_seq, "xoogify.events.acme.stg.1", body, None, codec.dumps(body))
 
 
 def test_one_job_row_per_build_with_its_highest_seq() -> None:
@@ -45,6 +47,8 @@ def test_one_job_row_per_build_with_its_highest_seq() -> None:
     ]
     upserts, inserts, _ = event_rows(batch)
     assert [i[0] for i in inserts] == ["1-1", "1-3", "1-2", "2-1"]
+    # The stored payload is the message as received.
+    assert [codec.loads(i[10]) for i in inserts] == [d.body for d in batch]
     by_build = {u[0]: u for u in upserts}
     assert set(by_build) == {1, 2}
     assert by_build[1][6] == "SUCCESS" and by_build[1][11] == 3 and by_build[1][17] == 11
@@ -66,3 +70,15 @@ def test_collapsing_keeps_the_variables_of_the_first_event() -> None:
     )
     assert upsert[11] == 3 and upsert[18] == {"A": "1", "S": "***"}
     assert fills == [(1, {"A": "1", "S": "***"})]
+
+
+def test_stream_seq_from_both_reply_subject_forms() -> None:
+    from nats.aio.msg import Msg
+
+    def msg(reply: str) -> Msg:
+        return Msg(_client=None, subject="xoogify.events.acme.stg.1", reply=reply)  # type: ignore[arg-type]
+
+    v1 = "$JS.ACK.XOOGIFY_EVENTS.ingest-events-gw.1.4711.12.1732431600000000000.3"
+    v2 = "$JS.ACK.hub.ACCHASH.XOOGIFY_EVENTS.ingest-events-gw.2.4712.13.1732431600000000000.0.tok"
+    assert stream_seq(msg(v1)) == 4711
+    assert stream_seq(msg(v2)) == 4712

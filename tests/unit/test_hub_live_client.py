@@ -201,3 +201,58 @@ def test_take_bounds_a_frame_by_items_and_bytes() -> None:
     assert len(client.take(max_bytes=size * 2 + 1)) == 2
     assert len(client.take(max_bytes=1)) == 1  # a big item still goes, alone
     assert len(client.take()) == 4
+
+
+def test_sent_seqs_ranges_survive_out_of_order_adds_and_discards() -> None:
+    sent = SentSeqs()
+    sent.add_many([1, 2, 3, 4])
+    sent.add_many([8, 9])
+    for s in (6, 5, 7):  # fills the hole between the two ranges, out of order
+        sent.add(s)
+    assert all(s in sent for s in range(1, 10)) and 10 not in sent and 0 not in sent
+    assert len(sent) == 9
+    sent.discard(5)  # splits the range
+    sent.discard(9)
+    sent.discard(1)
+    assert [s for s in range(0, 11) if s in sent] == [2, 3, 4, 6, 7, 8]
+    assert len(sent) == 6
+    sent.add(5)
+    assert [s for s in range(0, 11) if s in sent] == [2, 3, 4, 5, 6, 7, 8]
+
+
+def test_sent_seqs_bound_trims_the_lowest_ranges() -> None:
+    sent = SentSeqs(limit=5)
+    sent.add_many([1, 2, 3])
+    sent.add_many([10, 11, 12, 13])
+    assert len(sent) == 5
+    assert [s for s in range(0, 15) if s in sent] == [3, 10, 11, 12, 13]
+
+
+def test_a_flush_is_one_wake_up_and_every_socket_shares_one_frame() -> None:
+    everything, filtered = LiveClient(), LiveClient()
+    filtered.set_filter(JobFilter(status="WORKING"))
+    flush = [
+        item(n, build_id=n, seq=2 if n % 2 else 1, status="WORKING" if n % 2 else "IN-PROGRESS")
+        for n in range(1, 7)
+    ]
+    for client in (everything, filtered):
+        client.wake.clear()
+        client.offer_many(flush)
+        assert client.wake.is_set()
+    assert [i.stream_seq for i in filtered.take()] == [1, 3, 5]
+    taken = everything.take()
+    assert [i.stream_seq for i in taken] == list(range(1, 7))
+    # A second socket that takes the same items gets the very same frame text.
+    other = LiveClient()
+    other.offer_many(flush)
+    frame = jobs_frame(taken)
+    assert jobs_frame(other.take()) is frame
+    assert [i["stream_seq"] for i in codec.loads(frame)["items"]] == list(range(1, 7))
+
+
+def test_a_flush_that_overflows_drops_it_whole() -> None:
+    client = LiveClient(queue_limit=4)
+    client.offer_many([item(1), item(2, seq=2)])
+    client.offer_many([item(n, build_id=n) for n in range(3, 6)])
+    assert client.take_resync() == "fell behind: send queue full"
+    assert client.take() == [] and 1 not in client.sent
