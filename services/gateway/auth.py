@@ -176,7 +176,12 @@ class TokenCache:
 def uses_state_credentials(path: str) -> bool:
     """Terraform's own calls, which carry the per-job Basic credentials instead of a token.
     Listing a workspace's versions is a person's call: it takes a token like the API."""
-    return path.startswith(STATE_BACKEND) and not path.endswith("/versions")
+    if not path.startswith(STATE_BACKEND):
+        return False
+    # {organization}/{environment}/{module_name}/versions: a module may itself be called
+    # "versions", whose state (three segments) is Terraform's like any other.
+    segments = path[len(STATE_BACKEND) :].split("/")
+    return not (len(segments) == 4 and segments[3] == "versions")
 
 
 def principal_of(conn: HTTPConnection) -> Principal:

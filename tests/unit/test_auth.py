@@ -104,6 +104,8 @@ def test_origin_must_be_this_gateway() -> None:
 def test_state_backend_paths_use_their_own_credentials_except_versions() -> None:
     assert uses_state_credentials("/api/state/acme/stg/vpc")
     assert not uses_state_credentials("/api/state/acme/stg/vpc/versions")
+    # A module named "versions" is a workspace like any other.
+    assert uses_state_credentials("/api/state/acme/stg/versions")
     assert not uses_state_credentials("/api/jobs")
 
 
