@@ -28,7 +28,7 @@ from starlette.responses import HTMLResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.gateway import token_store
-from services.gateway.errors import ApiError, error_response
+from services.gateway.errors import UNAVAILABLE, ApiError, error_response
 
 COOKIE = "xoogify_session"
 CSRF_HEADER = "x-csrf-token"
@@ -160,7 +160,16 @@ class TokenCache:
     async def _fetch(
         self, pool: asyncpg.Pool, secret: str, key: bytes
     ) -> token_store.TokenRecord | None:
-        record = await token_store.find_active(pool, secret)
+        try:
+            record = await token_store.find_active(pool, secret)
+        except UNAVAILABLE:
+            stale = self._entries.get(key)
+            if stale is None:
+                raise
+            # Postgres is away: nobody can revoke a token meanwhile (revoking writes to it),
+            # so the last verified answer stands, and submissions, which go through NATS,
+            # are still taken.
+            return stale[1]
         if record is None:
             self._entries.pop(key, None)
             return None
@@ -238,7 +247,11 @@ class Authenticate:
         if secret is None:
             secret = session_cookie(conn.headers)
             via_cookie = secret is not None
-        record = await self.cache.lookup(pool, secret) if secret else None
+        try:
+            record = await self.cache.lookup(pool, secret) if secret else None
+        except UNAVAILABLE:
+            await self._deny(scope, receive, send, 503, "cannot check the token now; retry")
+            return
         if record is None:
             what = "a token is required" if secret is None else "unknown or revoked token"
             await self._deny(scope, receive, send, 401, what)
@@ -272,7 +285,11 @@ class Authenticate:
         send: Send,
     ) -> None:
         secret = conn.query_params[LOGIN_PARAM]
-        record = await self.cache.lookup(pool, secret) if secret else None
+        try:
+            record = await self.cache.lookup(pool, secret) if secret else None
+        except UNAVAILABLE:
+            await self._deny(scope, receive, send, 503, "cannot check the token now; retry")
+            return
         if record is None:
             await self._deny(scope, receive, send, 401, "this login link is not valid (any more)")
             return

@@ -196,3 +196,25 @@ async def test_token_cache_shares_lookups_and_forgets_revoked_tokens(
     assert await expiring.lookup(None, "xo_a") is None  # type: ignore[arg-type]
     assert await expiring.lookup(None, "xo_a") is None  # type: ignore[arg-type]
     assert len(calls) == 4
+
+
+async def test_token_cache_keeps_the_last_answer_while_postgres_is_away(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    record = token_store.TokenRecord(1, "alice", "org", ("acme",), datetime.now(UTC), None, None)
+    postgres_up = [True]
+
+    async def find_active(pool: object, secret: str) -> token_store.TokenRecord | None:
+        if not postgres_up[0]:
+            raise ConnectionRefusedError("postgres is away")
+        return record
+
+    monkeypatch.setattr(token_store, "find_active", find_active)
+    cache = TokenCache(ttl=0)
+    assert await cache.lookup(None, "xo_a") is record  # type: ignore[arg-type]
+    postgres_up[0] = False
+    # Known before the outage: still let in (nobody can revoke while Postgres is away).
+    assert await cache.lookup(None, "xo_a") is record  # type: ignore[arg-type]
+    # Never seen: the outage is reported, not turned into "unknown token".
+    with pytest.raises(ConnectionRefusedError):
+        await cache.lookup(None, "xo_b")  # type: ignore[arg-type]
