@@ -13,7 +13,7 @@ import orjson
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from services.common import codec, schemas
@@ -26,6 +26,7 @@ from services.gateway.auth import principal_of
 from services.gateway.context import context_of
 from services.gateway.errors import ApiError, json_body
 from services.gateway.job_lookup import get_job_soon
+from services.gateway.responses import FastJSONResponse
 
 MAX_BODY = 64 * 1024
 MAX_LIMIT = 500
@@ -121,9 +122,9 @@ async def submit_job(request: Request) -> Response:
         current = await db.get_job(ctx.pool, build_id)
         if current is not None:
             current.pop("events", None)
-            return JSONResponse(current, status_code=202)
+            return FastJSONResponse(current, status_code=202)
         message = stored
-    return JSONResponse(new_job(build_id, message, None), status_code=202)
+    return FastJSONResponse(new_job(build_id, message, None), status_code=202)
 
 
 def _filter(request: Request) -> JobFilter:
@@ -149,7 +150,7 @@ async def list_jobs(request: Request) -> Response:
     items, next_before, watermark = await db.list_jobs(
         context_of(request).pool, flt, limit, before, scope
     )
-    return JSONResponse({"items": items, "next": next_before, "watermark": watermark})
+    return FastJSONResponse({"items": items, "next": next_before, "watermark": watermark})
 
 
 async def get_job(request: Request) -> Response:
@@ -157,7 +158,7 @@ async def get_job(request: Request) -> Response:
     job = await db.get_job(context_of(request).pool, build_id, principal_of(request).scope)
     if job is None:
         raise ApiError(404, f"no job {build_id}")
-    return JSONResponse(job)
+    return FastJSONResponse(job)
 
 
 async def job_logs(request: Request) -> Response:
@@ -168,7 +169,7 @@ async def job_logs(request: Request) -> Response:
     pool = context_of(request).pool
     if not await db.job_visible(pool, build_id, principal_of(request).scope):
         raise ApiError(404, f"no job {build_id}")
-    return JSONResponse(await db.read_log(pool, build_id, offset, limit))
+    return FastJSONResponse(await db.read_log(pool, build_id, offset, limit))
 
 
 async def cancel_job(request: Request) -> Response:
@@ -195,7 +196,7 @@ async def cancel_job(request: Request) -> Response:
     if answer.get("ok"):
         if job is not None:
             job.pop("events", None)
-        return JSONResponse(job, status_code=202)
+        return FastJSONResponse(job, status_code=202)
     if answer.get("error") == "final" and stored is not None:
         raise ApiError(409, f"job {build_id} has already ended ({stored['status']})")
     if stored is None:
@@ -205,7 +206,7 @@ async def cancel_job(request: Request) -> Response:
 
 async def list_runners(request: Request) -> Response:
     scope = principal_of(request).scope
-    return JSONResponse({"items": await runners.list_runners(context_of(request), scope)})
+    return FastJSONResponse({"items": await runners.list_runners(context_of(request), scope)})
 
 
 routes = [

@@ -10,9 +10,10 @@ import asyncpg
 import nats.errors
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from services.common import codec
+from services.gateway.responses import FastJSONResponse
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +60,11 @@ async def json_body(request: Request, max_bytes: int) -> Any:
 
 def error_response(
     status: int, message: str, code: str | None = None, fields: dict[str, str] | None = None
-) -> JSONResponse:
+) -> FastJSONResponse:
     error: dict[str, object] = {"code": code or _CODES.get(status, "error"), "message": message}
     if fields:
         error["fields"] = fields
-    return JSONResponse({"error": error}, status_code=status)
+    return FastJSONResponse({"error": error}, status_code=status)
 
 
 async def api_error_handler(request: Request, exc: Exception) -> Response:

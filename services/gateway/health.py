@@ -7,11 +7,12 @@ import asyncio
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.gateway.context import GatewayContext
+from services.gateway.responses import FastJSONResponse
 
 HTTP_REQUESTS = Counter(
     "xoogify_http_requests_total", "HTTP requests answered by the gateway", ["route", "status"]
@@ -46,7 +47,7 @@ class RequestMetrics:
 
 
 async def healthz(request: Request) -> Response:
-    return JSONResponse({"status": "ok"})
+    return FastJSONResponse({"status": "ok"})
 
 
 async def readyz(request: Request) -> Response:
@@ -66,10 +67,10 @@ async def readyz(request: Request) -> Response:
         "postgres": "up" if postgres_up else "down",
     }
     if nats_up and postgres_up:
-        return JSONResponse({"status": "ready", **body})
+        return FastJSONResponse({"status": "ready", **body})
     down = [name for name, up in (("nats", nats_up), ("postgres", postgres_up)) if not up]
     body["error"] = {"code": "unavailable", "message": f"down: {', '.join(down)}"}
-    return JSONResponse(body, status_code=503)
+    return FastJSONResponse(body, status_code=503)
 
 
 async def metrics(request: Request) -> Response:

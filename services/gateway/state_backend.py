@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from services.common import codec, state_auth
@@ -28,6 +28,7 @@ from services.gateway import state_at_rest
 from services.gateway.auth import principal_of
 from services.gateway.context import GatewayContext, context_of
 from services.gateway.errors import ApiError, error_response
+from services.gateway.responses import FastJSONResponse
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ async def state(request: Request) -> Response:
     lock = await _current_lock(ctx, ws)
     lock_id = request.query_params.get("ID")
     if lock is not None and lock["build_id"] != build_id and lock["lock_id"] != lock_id:
-        return JSONResponse(lock["info"], status_code=423)
+        return FastJSONResponse(lock["info"], status_code=423)
     if request.method == "POST":
         body = await _capped_body(request, MAX_STATE_BYTES)
         if body is None:
@@ -213,7 +214,7 @@ async def _take_lock(
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", "/".join(("tfstate", *ws)))
         current = await _current_lock(ctx, ws)
         if current is not None and current["build_id"] != build_id:
-            return JSONResponse(current["info"], status_code=423)
+            return FastJSONResponse(current["info"], status_code=423)
         await conn.execute(
             "INSERT INTO terraform_locks (organization, environment, module_name, lock_id,"
             " info, build_id) VALUES ($1, $2, $3, $4, $5, $6)"
@@ -236,7 +237,7 @@ async def unlock(request: Request) -> Response:
     ws = _workspace(request)
     current = await _current_lock(ctx, ws)
     if current is not None and current["build_id"] != build_id:
-        return JSONResponse(current["info"], status_code=423)
+        return FastJSONResponse(current["info"], status_code=423)
     await ctx.pool.execute(
         "DELETE FROM terraform_locks WHERE organization = $1 AND environment = $2"
         " AND module_name = $3",
@@ -276,7 +277,7 @@ async def versions(request: Request) -> Response:
         }
         for r in rows
     ]
-    return JSONResponse({"items": items})
+    return FastJSONResponse({"items": items})
 
 
 _PATH = "/api/state/{organization}/{environment}/{module_name}"

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from services.common import schemas
@@ -21,6 +21,7 @@ from services.common.timefmt import format_time
 from services.gateway.auth import principal_of
 from services.gateway.context import context_of
 from services.gateway.errors import ApiError, json_body
+from services.gateway.responses import FastJSONResponse
 
 MAX_BODY = 16 * 1024
 MAX_LIMIT = 500
@@ -90,7 +91,7 @@ async def create_webhook(request: Request) -> Response:
         body["statuses"],
         body["secret"],
     )
-    return JSONResponse(webhook_from_row(row), status_code=201)
+    return FastJSONResponse(webhook_from_row(row), status_code=201)
 
 
 async def list_webhooks(request: Request) -> Response:
@@ -105,7 +106,7 @@ async def list_webhooks(request: Request) -> Response:
         organization,
         principal_of(request).scope,
     )
-    return JSONResponse({"items": [webhook_from_row(r) for r in rows]})
+    return FastJSONResponse({"items": [webhook_from_row(r) for r in rows]})
 
 
 async def delete_webhook(request: Request) -> Response:
@@ -141,7 +142,7 @@ async def list_deliveries(request: Request) -> Response:
         webhook_id,
         int(raw_limit),
     )
-    return JSONResponse({"items": [delivery_from_row(r) for r in rows]})
+    return FastJSONResponse({"items": [delivery_from_row(r) for r in rows]})
 
 
 routes = [

@@ -90,7 +90,10 @@ class Connection:
             raise Stalled()
         async with self._lock:
             try:
-                await asyncio.wait_for(self.websocket.send_text(text), self.stall_timeout)
+                # asyncio.timeout, not wait_for: in 3.11 wait_for starts a task per call,
+                # which was a seventh of the gateway's CPU when fanning out to 1,000 sockets.
+                async with asyncio.timeout(self.stall_timeout):
+                    await self.websocket.send_text(text)
             except TimeoutError:
                 self.stalled.set()
                 raise Stalled() from None
