@@ -170,7 +170,8 @@ class Worker:
             self._settings.subjects.cancel(job.build_id), cb=self._cancel_handler(job, stop)
         )
         try:
-            await self._nc.flush()
+            # No flush needed: NATS handles one connection's commands in order, so the
+            # subscription is in place before the claim request reaches anyone.
             granted = await self._claim(job)
             answer = {None: "none", True: "granted", False: "refused"}[granted]
             counters.CLAIMS.labels(answer=answer).inc()
@@ -238,7 +239,7 @@ class Worker:
         self._current = stop
         if self._deadline_passed:  # the drain deadline passed while the claim was in flight
             stop.stop(Reason.CANCELLED, self._drain_why)
-        await self._registry.set_state("busy", job.build_id)
+        self._registry.announce("busy", job.build_id)
         log.info("job started", extra={"build_id": job.build_id, "module_name": job.module_name})
         try:
             outcome = await execute(self._js, self._settings, job, stop)
@@ -248,7 +249,7 @@ class Worker:
         self.jobs_run += 1
         counters.JOBS.labels(result=counters.job_result(outcome.exit_code, outcome.reason)).inc()
         log.info("job finished", extra={"build_id": job.build_id, **outcome.report_fields()})
-        await self._registry.set_state("idle", None)
+        self._registry.announce("idle", None)
 
     async def _report(self, job: Job, outcome: Outcome) -> None:
         report = {
