@@ -110,30 +110,29 @@ class Worker:
         if not self._subs:
             await self.subscribe()
         subs = self._subs
+        puller = dispatch.Puller(subs, FETCH_TIMEOUT_S)
         try:
             while not self.stopping:
-                for sub in subs:
-                    if self.stopping:
-                        break
+                try:
+                    msgs = await puller.next()
+                except (NatsError, TimeoutError) as exc:
+                    log.warning("fetch failed", extra={"error": repr(exc)})
+                    await asyncio.sleep(FETCH_TIMEOUT_S)  # backoff while NATS is away
+                    continue
+                for msg in msgs:
                     try:
-                        msgs = await dispatch.fetch_one(sub, FETCH_TIMEOUT_S)
+                        await self._handle(msg)
                     except (NatsError, TimeoutError) as exc:
-                        log.warning("fetch failed", extra={"error": repr(exc)})
-                        await asyncio.sleep(FETCH_TIMEOUT_S)  # backoff while NATS is away
-                        continue
-                    for msg in msgs:
-                        try:
-                            await self._handle(msg)
-                        except (NatsError, TimeoutError) as exc:
-                            # NATS went away mid-way; an unacked message comes back later.
-                            log.warning("dispatch handling failed", extra={"error": repr(exc)})
-                        except Exception:
-                            # A bug around one message must not take the runner down; the
-                            # job itself reports `internal` from inside `execute`.
-                            log.exception("dispatch handling crashed")
+                        # NATS went away mid-way; an unacked message comes back later.
+                        log.warning("dispatch handling failed", extra={"error": repr(exc)})
+                    except Exception:
+                        # A bug around one message must not take the runner down; the
+                        # job itself reports `internal` from inside `execute`.
+                        log.exception("dispatch handling crashed")
         finally:
             if self._drain_timer is not None:
                 self._drain_timer.cancel()
+            await puller.close()
             for sub in subs:
                 await _quietly(sub.unsubscribe(), "unsubscribe")
 
