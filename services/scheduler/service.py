@@ -201,7 +201,11 @@ class Scheduler:
             now = self.clock()
             batches = [decide(now) for decide in decides]
             done = await self._perform_all(batches)
-            return [d == len(effects) for d, effects in zip(done, batches, strict=True)]
+        pairs = list(zip(done, batches, strict=True))
+        # After a failure memory was ahead of KV, so a decision to do nothing may have been
+        # taken on wrong grounds: that input too comes back, to be decided after the reload.
+        failed = any(d < len(effects) for d, effects in pairs)
+        return [d == len(effects) and not (failed and not effects) for d, effects in pairs]
 
     async def _reload(self) -> None:
         """Take over the stored state (at start, or after a failed write). Lock held."""
@@ -345,6 +349,7 @@ class Scheduler:
             now = self.clock()
             decided = [self.machine.claim(request, now) for _, request in requests]
             done = await self._perform_all([effects for _, effects in decided])
+        failed = any(d < len(effects) for d, (_, effects) in zip(done, decided, strict=True))
         for (msg, request), (reply, effects), performed in zip(
             requests, decided, done, strict=True
         ):
@@ -352,6 +357,10 @@ class Scheduler:
                 # The assignment never reached KV: the runner must not start, and must not
                 # drop the message either (a refusal would), so it hears nothing and asks
                 # again.
+                continue
+            if failed and not effects:
+                # Decided on a memory that was ahead of KV (another claim of the batch
+                # failed): a refusal might be wrong. Unanswered, it is asked again.
                 continue
             CLAIMS.labels(result="granted" if reply["granted"] else "refused").inc()
             log.info(
