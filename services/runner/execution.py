@@ -94,7 +94,13 @@ async def _run(settings: Settings, job: Job, stop: StopRequest, logs: LogStream)
             timer.cancel()
         return Outcome(exit_code=0)
     finally:
-        await asyncio.to_thread(shutil.rmtree, workdir, True)
+        _remove_later(workdir)
+
+
+def _remove_later(workdir: Path) -> None:
+    """Delete the work dir in a worker thread, not waited for: the report and the next job
+    need not wait for the file system (asyncio.run still waits for the thread at exit)."""
+    asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, workdir, True)
 
 
 async def _run_command(

@@ -59,6 +59,9 @@ class Registry:
         self.current_build_id: int | None = None
         self._last_ok = time.monotonic()
         self._lock = asyncio.Lock()
+        # The background write of `announce`, and whether a change came after it began.
+        self._writer: asyncio.Task[None] | None = None
+        self._dirty = False
         # Called (with why) when this runner was silent longer than the TTL and still runs:
         # its key expired meanwhile, so the scheduler counts its job lost.
         self.on_written_off: Callable[[str], None] | None = None
@@ -84,11 +87,39 @@ class Registry:
             await self._kv.put(self.runner_id, codec.dumps(self.value()))
             self._last_ok = time.monotonic()
 
-    async def set_state(self, state: str, build_id: int | None) -> None:
-        """Change state and say so at once (not at the next heartbeat)."""
+    def _change(self, state: str, build_id: int | None) -> None:
         if self.state == "draining" and state != "draining":
             state = "draining"  # once draining, always draining
         self.state, self.current_build_id = state, build_id
+
+    async def set_state(self, state: str, build_id: int | None) -> None:
+        """Change state and say so at once (not at the next heartbeat)."""
+        self._change(state, build_id)
+        await self._put_quietly()
+
+    def announce(self, state: str, build_id: int | None) -> None:
+        """`set_state` without waiting for the write: a job does not wait for the registry
+        (busy/idle are for people and the API; no decision reads them). The write runs in
+        the background; changes made while one is in flight go out in the next, so the key
+        ends up with the latest state."""
+        self._change(state, build_id)
+        if self._writer is not None and not self._writer.done():
+            self._dirty = True
+            return
+        self._writer = asyncio.create_task(self._write_latest())
+
+    async def _write_latest(self) -> None:
+        self._dirty = True
+        while self._dirty:
+            self._dirty = False
+            await self._put_quietly()
+
+    async def settle(self) -> None:
+        """Until the announced state is written (or its write failed)."""
+        if self._writer is not None:
+            await self._writer
+
+    async def _put_quietly(self) -> None:
         try:
             await self.put()
         except (NatsError, TimeoutError) as exc:
@@ -127,6 +158,7 @@ class Registry:
             )
 
     async def remove(self) -> None:
+        await self.settle()  # a late write would bring the key back
         try:
             await self._kv.delete(self.runner_id)
         except (NatsError, TimeoutError) as exc:

@@ -110,30 +110,29 @@ class Worker:
         if not self._subs:
             await self.subscribe()
         subs = self._subs
+        puller = dispatch.Puller(subs, FETCH_TIMEOUT_S)
         try:
             while not self.stopping:
-                for sub in subs:
-                    if self.stopping:
-                        break
+                try:
+                    msgs = await puller.next()
+                except (NatsError, TimeoutError) as exc:
+                    log.warning("fetch failed", extra={"error": repr(exc)})
+                    await asyncio.sleep(FETCH_TIMEOUT_S)  # backoff while NATS is away
+                    continue
+                for msg in msgs:
                     try:
-                        msgs = await dispatch.fetch_one(sub, FETCH_TIMEOUT_S)
+                        await self._handle(msg)
                     except (NatsError, TimeoutError) as exc:
-                        log.warning("fetch failed", extra={"error": repr(exc)})
-                        await asyncio.sleep(FETCH_TIMEOUT_S)  # backoff while NATS is away
-                        continue
-                    for msg in msgs:
-                        try:
-                            await self._handle(msg)
-                        except (NatsError, TimeoutError) as exc:
-                            # NATS went away mid-way; an unacked message comes back later.
-                            log.warning("dispatch handling failed", extra={"error": repr(exc)})
-                        except Exception:
-                            # A bug around one message must not take the runner down; the
-                            # job itself reports `internal` from inside `execute`.
-                            log.exception("dispatch handling crashed")
+                        # NATS went away mid-way; an unacked message comes back later.
+                        log.warning("dispatch handling failed", extra={"error": repr(exc)})
+                    except Exception:
+                        # A bug around one message must not take the runner down; the
+                        # job itself reports `internal` from inside `execute`.
+                        log.exception("dispatch handling crashed")
         finally:
             if self._drain_timer is not None:
                 self._drain_timer.cancel()
+            await puller.close()
             for sub in subs:
                 await _quietly(sub.unsubscribe(), "unsubscribe")
 
@@ -170,7 +169,8 @@ class Worker:
             self._settings.subjects.cancel(job.build_id), cb=self._cancel_handler(job, stop)
         )
         try:
-            await self._nc.flush()
+            # No flush needed: NATS handles one connection's commands in order, so the
+            # subscription is in place before the claim request reaches anyone.
             granted = await self._claim(job)
             while granted is None and not self.stopping:
                 # No answer (the scheduler restarting, NATS reconnecting, or the answer
@@ -247,7 +247,7 @@ class Worker:
         self._current = stop
         if self._deadline_passed:  # the drain deadline passed while the claim was in flight
             stop.stop(Reason.CANCELLED, self._drain_why)
-        await self._registry.set_state("busy", job.build_id)
+        self._registry.announce("busy", job.build_id)
         log.info("job started", extra={"build_id": job.build_id, "module_name": job.module_name})
         try:
             outcome = await execute(self._js, self._settings, job, stop)
@@ -257,7 +257,7 @@ class Worker:
         self.jobs_run += 1
         counters.JOBS.labels(result=counters.job_result(outcome.exit_code, outcome.reason)).inc()
         log.info("job finished", extra={"build_id": job.build_id, **outcome.report_fields()})
-        await self._registry.set_state("idle", None)
+        self._registry.announce("idle", None)
 
     async def _report(self, job: Job, outcome: Outcome) -> None:
         report = {

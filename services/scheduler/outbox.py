@@ -1,11 +1,17 @@
 """Performs the machine's effects over NATS, in order. The only place the scheduler writes
-to JetStream, KV or core subjects."""
+to JetStream, KV or core subjects.
+
+Each effect is a round trip (a KV write or a publish waiting for its ack), so the effect
+lists of a batch of inputs go out in lanes (`lanes.lanes`): within a lane one effect after
+the other, as the machine ordered them; lanes with nothing in common at the same time.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from nats.aio.client import Client
 from nats.js import JetStreamContext
@@ -23,6 +29,7 @@ from services.scheduler.effects import (
     SaveJob,
     SendCancel,
 )
+from services.scheduler.lanes import lanes
 from services.scheduler.machine import Machine
 from services.scheduler.metrics import EVENTS
 from services.scheduler.store import JobStore
@@ -58,7 +65,34 @@ class Outbox:
         self.fence = fence
         self._consumers: set[tuple[str, str]] = set()
 
-    async def perform(self, effects: list[Effect], machine: Machine) -> None:
+    async def perform_all(
+        self, batches: Sequence[Sequence[Effect]], machine: Machine
+    ) -> list[int | PerformError]:
+        """Perform every list, independent lists concurrently; per list, all its effects
+        were done (its length) or the error that stopped it. A lane stops at its first
+        error: the lists after it in that lane are not started (done 0)."""
+        results: list[int | PerformError] = [len(effects) for effects in batches]
+
+        async def lane(indexes: list[int]) -> None:
+            for position, index in enumerate(indexes):
+                try:
+                    await self.perform(batches[index], machine)
+                except PerformError as exc:
+                    results[index] = exc
+                    for later in indexes[position + 1 :]:
+                        skipped = PerformError(0, exc)
+                        skipped.__cause__ = exc.__cause__
+                        results[later] = skipped
+                    return
+
+        groups = lanes(batches)
+        if len(groups) == 1:
+            await lane(groups[0])
+        else:
+            await asyncio.gather(*(lane(group) for group in groups))
+        return results
+
+    async def perform(self, effects: Sequence[Effect], machine: Machine) -> None:
         for done, effect in enumerate(effects):
             try:
                 if self.fence is not None:

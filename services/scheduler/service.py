@@ -32,7 +32,7 @@ from services.scheduler.effects import Effect, PublishEvent
 from services.scheduler.leader import Lease, NotLeader
 from services.scheduler.machine import Limits, Machine
 from services.scheduler.metrics import ADMITTED, CLAIMS, LEADER, TAKEOVERS
-from services.scheduler.outbox import Outbox, PerformError
+from services.scheduler.outbox import Outbox
 from services.scheduler.runners import RegistryView, read_registry
 from services.scheduler.store import JobStore
 
@@ -45,6 +45,8 @@ SWEEP_S = 1.0
 COMPACT_S = 30.0
 PURGE_TOMBSTONES_S = 600.0
 FETCH_TIMEOUT_S = 1.0
+# Submissions (or reports) handled as one batch: decided together, effects in one round.
+FETCH_BATCH = 64
 STOP_DEADLINE_S = 8.0
 # Submissions and reports a leader fetched but never acked (it died) come back to the next
 # leader after this; handling one takes milliseconds.
@@ -79,6 +81,8 @@ class Scheduler:
         self._subs: list[Any] = []
         self._needs_reload = False
         self.registry_view = RegistryView(3 * settings.heartbeat_s, settings.subjects)
+        # Claims wait here for `_claim_loop`; None tells it to stop.
+        self._claims: asyncio.Queue[Msg | None] = asyncio.Queue()
 
     # --- life -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -102,13 +106,15 @@ class Scheduler:
             config=ConsumerConfig(ack_wait=INPUT_ACK_WAIT_S),
         )
         self._pulls = [submit, reports]
+        self._claims = asyncio.Queue()
         self._subs = [
             await self.nc.subscribe(s.claim, cb=self._on_claim),
             await self.nc.subscribe(s.control_cancel, cb=self._on_cancel),
         ]
         self.tasks = [
-            asyncio.create_task(self._pull_loop(submit, self._on_submission), name="submissions"),
-            asyncio.create_task(self._pull_loop(reports, self._on_report), name="reports"),
+            asyncio.create_task(self._pull_loop(submit, self._on_submissions), name="submissions"),
+            asyncio.create_task(self._pull_loop(reports, self._on_reports), name="reports"),
+            asyncio.create_task(self._claim_loop(), name="claims"),
             asyncio.create_task(self._timer_loop(), name="timers"),
             asyncio.create_task(self._registry_loop(), name="registry"),
         ]
@@ -118,6 +124,13 @@ class Scheduler:
         """Stop taking inputs and let the one in flight finish (or be fenced off); the
         connection stays, for a standby that may lead again later."""
         self.stopping.set()
+        # Claims and cancels first: from now on nobody answers them (NoResponders), and
+        # the claims already queued are answered before `_claim_loop` ends.
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._subs = []
+        self._claims.put_nowait(None)
         if self.tasks:
             _, pending = await asyncio.wait(self.tasks, timeout=STOP_DEADLINE_S / 2)
             for task in pending:
@@ -129,10 +142,10 @@ class Scheduler:
             self._needs_reload = True
         # A pull subscription may hold a late reply to its last fetch that nobody will
         # read; draining would wait for it forever. Unacked messages come back anyway.
-        for sub in [*self._pulls, *self._subs]:
+        for sub in self._pulls:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-        self._pulls, self._subs = [], []
+        self._pulls = []
 
     async def stop(self) -> None:
         """Stop taking work, let the in-flight input finish its writes, drain NATS."""
@@ -148,16 +161,28 @@ class Scheduler:
     async def _perform(self, effects: list[Effect]) -> int:
         """Perform in order; on a failure, reload from KV (memory may be ahead of it) and
         return how many were done. Call with the lock held."""
-        try:
-            await self.outbox.perform(effects, self.machine)
-        except PerformError as exc:
-            if isinstance(exc.__cause__, NotLeader):
-                log.warning("write refused: no longer the leader", extra={"done": exc.done})
-            else:
-                log.error("effect failed; state will be reloaded", exc_info=exc.__cause__)
+        return (await self._perform_all([effects]))[0]
+
+    async def _perform_all(self, batches: list[list[Effect]]) -> list[int]:
+        """`_perform` for the effect lists of several inputs, independent ones concurrently
+        (`Outbox.perform_all`); how many effects of each list were done."""
+        results = await self.outbox.perform_all(batches, self.machine)
+        done: list[int] = []
+        logged = False
+        for result in results:
+            if isinstance(result, int):
+                done.append(result)
+                continue
+            done.append(result.done)
             self._needs_reload = True
-            return exc.done
-        return len(effects)
+            if logged:
+                continue  # the lists after a failed one in its lane say the same
+            logged = True
+            if isinstance(result.__cause__, NotLeader):
+                log.warning("write refused: no longer the leader", extra={"done": result.done})
+            else:
+                log.error("effect failed; state will be reloaded", exc_info=result.__cause__)
+        return done
 
     async def _ready(self) -> bool:
         """Memory matches KV (reloading it if a write failed). Call with the lock held."""
@@ -166,11 +191,22 @@ class Scheduler:
         return not self._needs_reload
 
     async def _decide(self, decide: Callable[[float], list[Effect]]) -> bool:
+        return (await self._decide_all([decide]))[0]
+
+    async def _decide_all(self, decides: list[Callable[[float], list[Effect]]]) -> list[bool]:
+        """Several inputs under one lock: every decision first (in order, as if one by
+        one), then one round of effects; which inputs had all their effects done."""
         async with self.lock:
             if not await self._ready():
-                return False
-            effects = decide(self.clock())
-            return await self._perform(effects) == len(effects)
+                return [False] * len(decides)
+            now = self.clock()
+            batches = [decide(now) for decide in decides]
+            done = await self._perform_all(batches)
+        pairs = list(zip(done, batches, strict=True))
+        # After a failure memory was ahead of KV, so a decision to do nothing may have been
+        # taken on wrong grounds: that input too comes back, to be decided after the reload.
+        failed = any(d < len(effects) for d, effects in pairs)
+        return [d == len(effects) and not (failed and not effects) for d, effects in pairs]
 
     async def _reload(self) -> None:
         """Take over the stored state (at start, or after a failed write). Lock held."""
@@ -201,10 +237,10 @@ class Scheduler:
         subjects = self.settings.subjects
         reject("scheduler", subjects, msg.subject, error, stream_seq=stream_seq_of(msg))
 
-    async def _pull_loop(self, sub: Any, handle: Callable[[Msg], Any]) -> None:
+    async def _pull_loop(self, sub: Any, handle: Callable[[list[Msg]], Any]) -> None:
         while not self.stopping.is_set():
             try:
-                msgs = await sub.fetch(batch=32, timeout=FETCH_TIMEOUT_S)
+                msgs = await sub.fetch(batch=FETCH_BATCH, timeout=FETCH_TIMEOUT_S)
             except (nats.errors.TimeoutError, TimeoutError):
                 continue
             except Exception:
@@ -212,76 +248,132 @@ class Scheduler:
                 log.warning("fetch failed", exc_info=True)
                 await asyncio.sleep(FETCH_TIMEOUT_S)
                 continue
-            for msg in msgs:
-                try:
-                    await handle(msg)
-                except Exception:
-                    log.exception("handling failed", extra={"subject": msg.subject})
+            try:
+                await handle(msgs)
+            except Exception:
+                log.exception("handling failed", extra={"subject": msgs[0].subject})
+                for msg in msgs:
+                    # (One already acked ignores the nak.)
                     with contextlib.suppress(Exception):
                         await msg.nak(delay=1)
 
-    async def _on_submission(self, msg: Msg) -> None:
-        build_id = int(msg.metadata.sequence.stream)
-        try:
-            message = schemas.decode("submit_message", msg.data)
-        except schemas.SchemaError as exc:
-            self._reject(msg, exc)
-            self.machine.note_submission(build_id)
-            await msg.term()
+    async def _on_submissions(self, msgs: list[Msg]) -> None:
+        """A fetched batch of submissions: admitted together (`_decide_all`), each acked
+        once its own effects are done, naked (to come back) otherwise."""
+        valid: list[tuple[Msg, int, dict[str, Any]]] = []
+        for msg in msgs:
+            build_id = int(msg.metadata.sequence.stream)
+            try:
+                message = schemas.decode("submit_message", msg.data)
+            except schemas.SchemaError as exc:
+                self._reject(msg, exc)
+                self.machine.note_submission(build_id)
+                await msg.term()
+                continue
+            valid.append((msg, build_id, message))
+        admitted: dict[int, bool] = {}
+
+        def admitter(build_id: int, message: dict[str, Any]) -> Callable[[float], list[Effect]]:
+            def admit(now: float) -> list[Effect]:
+                effects = self.machine.admit(build_id, message, now)
+                admitted[build_id] = bool(effects)
+                return effects
+
+            return admit
+
+        if not valid:
             return
-        admitted: list[bool] = []
+        results = await self._decide_all([admitter(b, m) for _, b, m in valid])
+        for (msg, build_id, _), ok in zip(valid, results, strict=True):
+            if ok:
+                if admitted.get(build_id):
+                    ADMITTED.inc()
+                    log.info("job admitted", extra={"build_id": build_id})
+                await msg.ack()
+            else:
+                await msg.nak(delay=1)
 
-        def admit(now: float) -> list[Effect]:
-            effects = self.machine.admit(build_id, message, now)
-            admitted.append(bool(effects))
-            return effects
-
-        if await self._decide(admit):
-            if admitted and admitted[0]:
-                ADMITTED.inc()
-                log.info("job admitted", extra={"build_id": build_id})
-            await msg.ack()
-        else:
-            await msg.nak(delay=1)
-
-    async def _on_report(self, msg: Msg) -> None:
-        try:
-            report = schemas.decode("report", msg.data)
-        except schemas.SchemaError as exc:
-            self._reject(msg, exc)
-            await msg.term()
+    async def _on_reports(self, msgs: list[Msg]) -> None:
+        valid: list[tuple[Msg, dict[str, Any]]] = []
+        for msg in msgs:
+            try:
+                valid.append((msg, schemas.decode("report", msg.data)))
+            except schemas.SchemaError as exc:
+                self._reject(msg, exc)
+                await msg.term()
+        if not valid:
             return
-        if await self._decide(lambda now: self.machine.report(report, now)):
-            await msg.ack()
-        else:
-            await msg.nak(delay=1)
+
+        def reporter(report: dict[str, Any]) -> Callable[[float], list[Effect]]:
+            return lambda now: self.machine.report(report, now)
+
+        results = await self._decide_all([reporter(r) for _, r in valid])
+        for (msg, _), ok in zip(valid, results, strict=True):
+            if ok:
+                await msg.ack()
+            else:
+                await msg.nak(delay=1)
 
     async def _on_claim(self, msg: Msg) -> None:
-        try:
-            request = schemas.decode("claim", msg.data)
-        except schemas.SchemaError as exc:
-            self._reject(msg, exc)
+        # Answered by `_claim_loop`, which takes every claim waiting at once: runners that
+        # ask at the same moment are granted in one round of effects.
+        self._claims.put_nowait(msg)
+
+    async def _claim_loop(self) -> None:
+        claims = self._claims
+        while True:
+            taken = [await claims.get()]
+            while not claims.empty():
+                taken.append(claims.get_nowait())
+            msgs = [msg for msg in taken if msg is not None]
+            if msgs:
+                try:
+                    await self._on_claims(msgs)
+                except Exception:
+                    # Unanswered, the runners nak their messages and ask again.
+                    log.exception("claim handling failed")
+            if None in taken:
+                return  # stand_down
+
+    async def _on_claims(self, msgs: list[Msg]) -> None:
+        requests: list[tuple[Msg, dict[str, Any]]] = []
+        for msg in msgs:
+            try:
+                requests.append((msg, schemas.decode("claim", msg.data)))
+            except schemas.SchemaError as exc:
+                self._reject(msg, exc)
+        if not requests:
             return
         async with self.lock:
             if not await self._ready():
-                return  # no answer: the runner naks the message and asks again
-            reply, effects = self.machine.claim(request, self.clock())
-            done = await self._perform(effects)
-        if reply["granted"] and effects and done == 0:
-            # The assignment never reached KV: the runner must not start, and must not drop
-            # the message either (a refusal would), so it hears nothing and asks again.
-            return
-        CLAIMS.labels(result="granted" if reply["granted"] else "refused").inc()
-        log.info(
-            "claim",
-            extra={
-                "build_id": request["build_id"],
-                "runner_id": request["runner_id"],
-                "granted": reply["granted"],
-                "reason": reply.get("reason"),
-            },
-        )
-        await msg.respond(codec.dumps(reply))
+                return  # no answer: the runners nak their messages and ask again
+            now = self.clock()
+            decided = [self.machine.claim(request, now) for _, request in requests]
+            done = await self._perform_all([effects for _, effects in decided])
+        failed = any(d < len(effects) for d, (_, effects) in zip(done, decided, strict=True))
+        for (msg, request), (reply, effects), performed in zip(
+            requests, decided, done, strict=True
+        ):
+            if reply["granted"] and effects and performed == 0:
+                # The assignment never reached KV: the runner must not start, and must not
+                # drop the message either (a refusal would), so it hears nothing and asks
+                # again.
+                continue
+            if failed and not effects:
+                # Decided on a memory that was ahead of KV (another claim of the batch
+                # failed): a refusal might be wrong. Unanswered, it is asked again.
+                continue
+            CLAIMS.labels(result="granted" if reply["granted"] else "refused").inc()
+            log.info(
+                "claim",
+                extra={
+                    "build_id": request["build_id"],
+                    "runner_id": request["runner_id"],
+                    "granted": reply["granted"],
+                    "reason": reply.get("reason"),
+                },
+            )
+            await msg.respond(codec.dumps(reply))
 
     async def _on_cancel(self, msg: Msg) -> None:
         try:
