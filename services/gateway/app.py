@@ -33,6 +33,7 @@ from services.gateway import (
     migrate,
     openapi,
     pages,
+    runners,
     state_at_rest,
     state_backend,
     webhooks,
@@ -109,6 +110,7 @@ class Running:
                 state_at_rest.reencrypt_in_background(self.pool, keys.state), name="state-keys"
             )
         )
+        self.tasks.append(asyncio.create_task(runners.forget_stopped(ctx), name="runners"))
         ctx.hub = Hub(ctx)
         await ctx.hub.start()
         self.webhooks = WebhookWorker(self.pool, WebhookConfig.from_env())

@@ -1,10 +1,13 @@
 """The runners as `GET /api/runners` and the runners page show them: the live registry in
 KV `xoogify-runners`, plus the `runners` table so that one whose key expired stays listed
-as `lost` for an hour."""
+as `lost` for an hour. One that stopped cleanly is dropped from the list (`forget_stopped`).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -16,7 +19,10 @@ from services.common.timefmt import format_time, parse_time
 from services.gateway import db
 from services.gateway.context import GatewayContext
 
+log = logging.getLogger(__name__)
+
 KEEP_LOST = timedelta(hours=1)
+RETRY_S = 1.0
 
 
 async def _live(ctx: GatewayContext) -> dict[str, dict[str, Any]]:
@@ -80,3 +86,31 @@ async def list_runners(
             if item["current_build_id"] not in visible:
                 item["current_build_id"] = None
     return items
+
+
+async def forget_stopped(ctx: GatewayContext) -> None:
+    """Watch the registry for deleted keys and drop those runners from the table. A runner
+    that stops cleanly deletes its key, which leaves a delete marker; one that dies lets
+    the key expire, which leaves none. So a stopped runner is not shown as `lost` for an
+    hour, and a dead one still is. Runs until cancelled; a NATS outage only pauses it."""
+    bucket = ctx.settings.subjects.runners_bucket
+    while True:
+        watcher = None
+        try:
+            kv = await ctx.js.key_value(bucket)
+            watcher = await kv.watchall()
+            async for entry in watcher:
+                if entry is not None and entry.operation in ("DEL", "PURGE"):
+                    await ctx.pool.execute("DELETE FROM runners WHERE runner_id = $1", entry.key)
+                    log.info("runner stopped; unlisted", extra={"runner_id": entry.key})
+        except asyncio.CancelledError:
+            raise
+        except NotFoundError:
+            pass  # no runner or scheduler has made the bucket yet
+        except Exception as exc:
+            log.warning("runner registry watch failed; again shortly", extra={"error": repr(exc)})
+        finally:
+            if watcher is not None:
+                with contextlib.suppress(Exception):
+                    await watcher.stop()
+        await asyncio.sleep(RETRY_S)
