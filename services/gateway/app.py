@@ -94,6 +94,7 @@ class Running:
         self.ctx: GatewayContext | None = None
         self.ingestors: list[Ingestor] = []
         self.tasks: list[asyncio.Task[None]] = []
+        self.watch: asyncio.Task[None] | None = None
         self.webhooks: WebhookWorker | None = None
 
     async def start(
@@ -110,7 +111,8 @@ class Running:
                 state_at_rest.reencrypt_in_background(self.pool, keys.state), name="state-keys"
             )
         )
-        self.tasks.append(asyncio.create_task(runners.forget_stopped(ctx), name="runners"))
+        # Runs until cancelled (stop() does that first: it has nothing in hand to finish).
+        self.watch = asyncio.create_task(runners.forget_stopped(ctx), name="runners")
         ctx.hub = Hub(ctx)
         await ctx.hub.start()
         self.webhooks = WebhookWorker(self.pool, WebhookConfig.from_env())
@@ -121,6 +123,10 @@ class Running:
         log.info("gateway started", extra={"gateway_id": gateway_id})
 
     async def stop(self) -> None:
+        if self.watch is not None:
+            self.watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.watch
         if self.webhooks is not None:
             await self.webhooks.stop()
         if self.ctx is not None and self.ctx.hub is not None:
