@@ -233,7 +233,12 @@ class XoogifyClient:
             while True:
                 try:
                     async with self._ws() as ws:
-                        hello = codec.loads(await ws.recv())
+                        await ws.recv()  # hello
+                        # Replay from what Postgres had stored before the job was read, not
+                        # from hello's watermark: that is the hub's position, which runs
+                        # ahead of Postgres, so an update between the two would be in
+                        # neither the job read below nor the replay.
+                        stored = (await self.list_jobs(limit=1))["watermark"]
                         try:
                             job = await self.get_job(build_id)
                         except ApiError as exc:
@@ -243,7 +248,7 @@ class XoogifyClient:
                             if is_final(job["status"]):
                                 return job
                         filt = {"type": "filter", "q": str(build_id)}
-                        filt["since"] = hello.get("watermark", 0)
+                        filt["since"] = stored
                         await ws.send(codec.dumps_str(filt))
                         async for raw in ws:
                             message = codec.loads(raw)
