@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import nats
 import pytest
-from nats.js.api import StreamConfig
+from nats.js.api import PubAck, StreamConfig
 
 from services.common import bus, nats_auth, nats_cluster
 from services.common.children import pdeathsig_preexec
@@ -131,8 +131,17 @@ async def test_generated_configs_form_a_replicated_jetstream_cluster(
 
         await eventually(created, timeout=60, interval=0.5)
 
+        # A new R3 stream takes a moment to elect its leader; until then a publish gets no
+        # response (the services wait for it at start-up the same way).
         rjs = runner.jetstream(timeout=10)
-        ack = await rjs.publish(settings.subjects.log(1), b'{"x": 1}')
+
+        async def published() -> PubAck | None:
+            try:
+                return await rjs.publish(settings.subjects.log(1), b'{"x": 1}')
+            except (nats.errors.Error, TimeoutError):
+                return None
+
+        ack = await eventually(published, timeout=60, interval=0.5)
         assert ack.stream == logs.name
 
         # ... and with the stream leader's node killed, the two others keep taking messages.

@@ -185,8 +185,9 @@ async def test_sigterm_drain_finishes_the_job_and_takes_no_more(stack: Stack) ->
         await ws.wait_job_status(build_id, {"WORKING"})
         proc = stack.procs["runner-1"]
         proc.send_signal(signal.SIGTERM)
-        draining = await runner_entry(xo, "runner-1", state="draining")
-        assert draining["current_build_id"] == build_id
+        # WORKING is published at the grant, a moment before the runner says busy: wait for
+        # the registry to show both the drain and the job.
+        await runner_entry(xo, "runner-1", state="draining", current_build_id=build_id)
 
         # Submitted while it drains: it must not take it.
         later = await submit(xo, "hello", env="other")
