@@ -95,7 +95,11 @@ async def test_a_scheduler_that_loses_its_lease_stops_answering(settings: Settin
             return False
 
         await eventually(silent, timeout=10)
-        assert REGISTRY.get_sample_value("xoogify_scheduler_leader") == 0
+        # It stops answering first (stand-down drops the claim subscription at once), and
+        # says so in its gauge a moment later.
+        await eventually(
+            lambda: _true(REGISTRY.get_sample_value("xoogify_scheduler_leader") == 0), timeout=10
+        )
         # Deposed, it takes no submission either.
         build_id = await h.submit(submission())
         assert await _untouched(kv, js, settings, build_id)
