@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 from websockets.asyncio.client import connect as ws_connect
@@ -138,9 +139,12 @@ class XoogifyClient:
     def ws_url(self) -> str:
         return self.base_url.replace("http://", "ws://", 1).replace("https://", "wss://", 1) + "/ws"
 
-    def _ws(self) -> Any:
+    def _ws(self, query: dict[str, Any] | None = None) -> Any:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
-        return ws_connect(self.ws_url, additional_headers=headers, max_size=16 * 1024 * 1024)
+        url = self.ws_url
+        if query:
+            url += "?" + urlencode(query)
+        return ws_connect(url, additional_headers=headers, max_size=16 * 1024 * 1024)
 
     async def follow_logs(self, build_id: int, offset: int = 0) -> AsyncIterator[str]:
         """Yield the job's log text from byte `offset` until its end, live while it runs.
@@ -206,12 +210,13 @@ class XoogifyClient:
         A dropped socket or a `resync` resumes after the last `stream_seq` seen, so nothing
         is lost or repeated; a point no longer retained raises Gap unless `allow_gap`."""
         last = since
+        wanted = {k: v for k, v in filters.items() if v}
         while True:
             try:
-                async with self._ws() as ws:
-                    wanted = {k: v for k, v in filters.items() if v}
-                    message: dict[str, Any] = {"type": "filter", **wanted, "since": last}
-                    await ws.send(codec.dumps_str(message))
+                # The filter goes in the URL, so the socket is never pushed an update outside
+                # it, nor a newer one before the replay of older ones.
+                async with self._ws({**wanted, "since": last}) as ws:
+                    message: dict[str, Any] = {"type": "filter", **wanted}
                     async for raw in ws:
                         frame = codec.loads(raw)
                         kind = frame.get("type")

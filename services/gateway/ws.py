@@ -35,6 +35,7 @@ from services.gateway.ws_messages import (
     FollowLogsMsg,
     UnfollowLogsMsg,
     parse,
+    parse_query,
 )
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,12 @@ class Connection:
 
 class Session:
     def __init__(
-        self, ctx: GatewayContext, hub: Hub, websocket: WebSocket, principal: Principal
+        self,
+        ctx: GatewayContext,
+        hub: Hub,
+        websocket: WebSocket,
+        principal: Principal,
+        initial: FilterMsg | None = None,
     ) -> None:
         self.ctx = ctx
         self.hub = hub
@@ -116,10 +122,18 @@ class Session:
         self.rate = RateLimit(MAX_MESSAGES_PER_S)
         self.replay: asyncio.Task[None] | None = None
         self.follows: dict[int, asyncio.Task[None]] = {}
+        # A filter given in the URL applies from the socket's first instant (registered and
+        # filtered in one step), so no update is pushed under the default "everything"
+        # first. Its replay is started after `hello`.
+        self._pending_replay: ReplayWindow | None = None
+        if initial is not None:
+            self._pending_replay = self._apply_filter(initial.filter, initial.since)
 
     async def run(self) -> None:
         # Registered before reading last_seq, in one step: nothing after it is missed.
         await self.conn.send_json({"type": "hello", "watermark": self.hub.last_seq})
+        if self._pending_replay is not None:
+            self._start_replay(self.client.visibility.filter, self._pending_replay)
         reader = asyncio.create_task(self._read(), name="ws-reader")
         sender = asyncio.create_task(self._send_jobs(), name="ws-sender")
         stalled = asyncio.create_task(self.conn.stalled.wait(), name="ws-stalled")
@@ -204,16 +218,24 @@ class Session:
                     task.cancel()
 
     def _set_filter(self, flt: JobFilter, since: int | None) -> None:
+        window = self._apply_filter(flt, since)
+        if window is not None:
+            self._start_replay(flt, window)
+
+    def _apply_filter(self, flt: JobFilter, since: int | None) -> ReplayWindow | None:
+        """Filter the socket's live updates and, with `since`, start buffering them; the
+        window says what the replay must cover. Never awaits: the switch point and the
+        start of buffering are the same instant for the hub."""
         if self.replay is not None:
             self.replay.cancel()
             self.replay = None
-        # No await from here to the task's creation: the switch point and the start of
-        # buffering are the same instant for the hub.
         self.client.set_filter(flt)
         if since is None:
-            return
+            return None
         self.client.begin_replay()
-        window = ReplayWindow(since, self.hub.last_seq)
+        return ReplayWindow(since, self.hub.last_seq)
+
+    def _start_replay(self, flt: JobFilter, window: ReplayWindow) -> None:
         self.replay = asyncio.create_task(
             self._replay(flt, window, self.client.generation), name="ws-replay"
         )
@@ -296,7 +318,13 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     if hub is None:
         await websocket.close(CLOSE_TRY_AGAIN_LATER, "gateway is starting")
         return
-    session = Session(ctx, hub, websocket, principal_of(websocket))
+    try:
+        initial = parse_query(websocket.query_params)
+    except ClientMessageError as exc:
+        await websocket.send_text(codec.dumps_str({"type": "error", "message": str(exc)}))
+        await websocket.close(CLOSE_POLICY_VIOLATION, "bad filter in the URL")
+        return
+    session = Session(ctx, hub, websocket, principal_of(websocket), initial)
     try:
         await session.run()
     except (WebSocketDisconnect, Stalled):

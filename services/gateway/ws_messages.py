@@ -7,6 +7,7 @@ they must be names: a `*`, `>` or `.` in them would widen the filter.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +93,25 @@ def _parse_filter(body: dict[str, Any]) -> FilterMsg:
     return FilterMsg(
         JobFilter.from_mapping(values), None if since is None else _int(since, "since", 0)
     )
+
+
+def parse_query(params: Mapping[str, str]) -> FilterMsg | None:
+    """A `filter` given as the `/ws` URL's query (`/ws?organization=acme&since=0`), so that
+    it applies before the first update is pushed; None when the URL names no filter key.
+
+    Without it, a client's `filter` message arrives after the socket was already pushed
+    some updates under the default (every job): a replay of older events would then
+    arrive after newer ones, and a client counting on increasing `stream_seq` loses them.
+    """
+    body: dict[str, Any] = {k: v for k, v in params.items() if k in _FILTER_KEYS}
+    if not body:
+        return None
+    since = body.get("since")
+    if since is not None:
+        if not since.isascii() or not since.isdigit():
+            raise ClientMessageError(f"since must be an integer 0..{MAX_INT}")
+        body["since"] = int(since)
+    return _parse_filter(body)
 
 
 def parse(raw: str | bytes) -> ClientMessage:

@@ -61,3 +61,15 @@ async def test_a_burst_within_the_limit_is_served(settings: Settings) -> None:
             error = await ws.wait_for(lambda m: m.get("type") == "error")
             assert "type must be" in error["message"]
             assert len(gw.hub.clients) == 1
+
+
+async def test_a_bad_filter_in_the_url_gets_its_reason_and_1008(settings: Settings) -> None:
+    async with serve_gateway(settings) as gw:
+        url = f"{gw.ws_url}?organization=acme&since=soon"
+        async with connect(url, additional_headers=auth_headers(settings)) as ws:
+            error = codec.loads(await ws.recv())
+            with contextlib.suppress(ConnectionClosed):
+                while True:
+                    await ws.recv()
+        assert error["type"] == "error" and "since" in error["message"]
+        assert ws.close_code == 1008

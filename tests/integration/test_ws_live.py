@@ -273,3 +273,25 @@ async def test_a_bad_event_is_skipped_and_counted(settings: Settings) -> None:
             )
         assert gw.hub.rejected == 2
         assert stream_seqs(ws) == good
+
+
+async def test_a_filter_in_the_url_applies_before_the_first_push(settings: Settings) -> None:
+    """`/ws?organization=…&since=…`: the replay comes first, in order, then live, and no
+    update outside the filter is ever pushed (with a `filter` message, updates pushed under
+    the default before it arrives could be newer than the replay's)."""
+    async with publisher(settings) as pub, serve_gateway(settings) as gw:
+        old = await pub.life(1)
+        await pub.life(2, org="other")
+        url = f"{gw.ws_url}?organization=acme&since=0&unrelated=ignored"
+        async with WsRecorder(url, headers=auth_headers(settings)) as ws:
+            await pub.life(3, org="other")
+            marker = await pub.life(4)
+            await ws.wait_for(
+                lambda m: (
+                    m.get("type") == "jobs"
+                    and any(i["stream_seq"] == marker[-1] for i in m["items"])
+                )
+            )
+        assert ws.messages[0]["type"] == "hello"
+        assert {i["organization"] for i in ws.job_items()} == {"acme"}
+        assert stream_seqs(ws) == old + marker

@@ -12,6 +12,7 @@ from services.gateway.ws_messages import (
     FollowLogsMsg,
     UnfollowLogsMsg,
     parse,
+    parse_query,
 )
 
 
@@ -83,3 +84,20 @@ def test_trim_counts_bytes() -> None:
     assert trim(0, "héllo", 3) == ("llo", 6)
     assert trim(10, "abc", 20) == ("", 13)
     assert trim(10, "abc", 5) == ("abc", 13)
+
+
+def test_a_filter_in_the_url_query() -> None:
+    msg = parse_query({"organization": "acme", "since": "12", "token": "ignored"})
+    assert isinstance(msg, FilterMsg)
+    assert msg.filter.organization == "acme" and msg.since == 12
+    # No filter key at all: the socket starts with the default (every job, live only).
+    assert parse_query({"utm": "x"}) is None
+
+
+@pytest.mark.parametrize(
+    "query",
+    [{"since": "-1"}, {"since": "1e3"}, {"since": "\u0661"}, {"organization": "a.>"}],
+)
+def test_a_bad_filter_in_the_url_query_names_its_field(query: dict[str, str]) -> None:
+    with pytest.raises(ClientMessageError, match=next(iter(query))):
+        parse_query(query)
