@@ -12,11 +12,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 from bench.report import Result, percentile
 from bench.stack import Servers, noop_modules, running_stack
-from bench.submit import noop_job, submit
+from bench.submit import Submitter, noop_job
 from bench.ws_watch import FinalWatcher
 from services.common.timefmt import parse_time
 
@@ -41,18 +39,18 @@ async def run(servers: Servers, size: int) -> Result:
         modules = noop_modules(Path(tmp))
         async with (
             running_stack(servers, scheduler=True, runners=RUNNERS, modules_dir=modules) as bench,
-            httpx.AsyncClient(base_url=bench.url, headers=bench.headers, timeout=30) as http,
+            Submitter(bench.url, bench.headers) as http,
             FinalWatcher(bench.ws_url, bench.headers) as watcher,
         ):
             # Warm-up jobs (not counted): first-use costs (connections, imports, caches).
             for n in range(WARMUP):
-                build_id, _, _ = await submit(http, noop_job(n))
+                build_id, _, _ = await http.submit(noop_job(n))
                 await watcher.wait_all({build_id}, timeout=30)
             sent: dict[int, float] = {}
             answered: list[float] = []
 
             async def one(n: int) -> None:
-                build_id, t_sent, t_answered = await submit(http, noop_job(n))
+                build_id, t_sent, t_answered = await http.submit(noop_job(n))
                 sent[build_id] = t_sent
                 answered.append((t_answered - t_sent) * 1000)
 

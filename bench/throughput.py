@@ -9,16 +9,16 @@ import time
 from pathlib import Path
 
 import asyncpg
-import httpx
 
 from bench.report import Result
 from bench.stack import Servers, noop_modules, running_stack
-from bench.submit import noop_job, submit
+from bench.submit import Submitter, noop_job
 
 DEFAULT = 1_000
 TINY = 20
 RUNNERS = 4
 CONCURRENCY = 16  # submissions in flight at once, as many users would
+CONNECTIONS = CONCURRENCY
 
 
 async def _final_counts(conn: asyncpg.Connection) -> tuple[int, int]:
@@ -34,12 +34,9 @@ async def run(servers: Servers, size: int) -> Result:
     result = Result("throughput", size, targets={"jobs_per_s": "≥ 1,000/s"})
     with tempfile.TemporaryDirectory(prefix="xoogify-bench-modules-") as tmp:
         modules = noop_modules(Path(tmp))
-        limits = httpx.Limits(max_connections=CONCURRENCY)
         async with (
             running_stack(servers, scheduler=True, runners=RUNNERS, modules_dir=modules) as bench,
-            httpx.AsyncClient(
-                base_url=bench.url, headers=bench.headers, timeout=60, limits=limits
-            ) as http,
+            Submitter(bench.url, bench.headers, CONNECTIONS) as http,
         ):
             conn = await asyncpg.connect(bench.settings.database_url)
             queue: asyncio.Queue[int] = asyncio.Queue()
@@ -49,7 +46,7 @@ async def run(servers: Servers, size: int) -> Result:
 
             async def submitter() -> None:
                 while not queue.empty():
-                    build_id, _, _ = await submit(http, noop_job(queue.get_nowait()))
+                    build_id, _, _ = await http.submit(noop_job(queue.get_nowait()))
                     build_ids.append(build_id)
 
             start = time.perf_counter()
