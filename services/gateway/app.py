@@ -115,7 +115,7 @@ class Running:
         self.watch = asyncio.create_task(runners.forget_stopped(ctx), name="runners")
         ctx.hub = Hub(ctx)
         await ctx.hub.start()
-        self.webhooks = WebhookWorker(self.pool, WebhookConfig.from_env())
+        self.webhooks = WebhookWorker(self.pool, WebhookConfig.from_env(), keys.state)
         self.webhooks.start()
         self.ctx = ctx
         app.state.ctx = ctx  # from here on requests are served

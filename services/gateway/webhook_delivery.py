@@ -28,6 +28,8 @@ import httpx
 from prometheus_client import Counter
 
 from services.common import codec
+from services.common.crypto import SecretsError, StateCipher
+from services.gateway import webhook_secrets
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +140,8 @@ ON CONFLICT (webhook_id, event_id) DO NOTHING
 """
 _MOVE_CURSOR = "UPDATE webhook_outbox_cursor SET stream_seq = $1 WHERE name = 'job_events'"
 _CLAIM = """
-SELECT d.id, d.event_id, d.attempts, d.created_at, w.url, w.secret, e.payload
+SELECT d.id, d.event_id, d.attempts, d.created_at, w.organization, w.url, w.secret,
+       w.secret_key_id, w.secret_sealed, e.payload
   FROM webhook_deliveries d
   JOIN webhooks w ON w.id = d.webhook_id
   JOIN job_events e ON e.event_id = d.event_id
@@ -177,14 +180,18 @@ async def fill_outbox(pool: asyncpg.Pool, batch: int = 500) -> int:
 class WebhookWorker:
     """The filler and the delivery loops of one gateway."""
 
-    def __init__(self, pool: asyncpg.Pool, config: WebhookConfig) -> None:
+    def __init__(self, pool: asyncpg.Pool, config: WebhookConfig, cipher: StateCipher) -> None:
         self.pool = pool
         self.config = config
+        self.cipher = cipher
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._fill_loop(), name="webhook-fill")]
+        self._tasks = [
+            asyncio.create_task(self._fill_loop(), name="webhook-fill"),
+            asyncio.create_task(self._reseal(), name="webhook-secrets"),
+        ]
         self._tasks += [
             asyncio.create_task(self._deliver_loop(), name=f"webhook-deliver-{n}")
             for n in range(self.config.workers)
@@ -204,6 +211,17 @@ class WebhookWorker:
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    async def _reseal(self) -> None:
+        """Secrets stored in clear (before encryption) or under a retired key, sealed under
+        the current one; a failure is logged, never fatal (the rows still open)."""
+        try:
+            changed = await webhook_secrets.reseal(self.pool, self.cipher)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("webhook secrets not re-sealed", extra={"error": repr(exc)})
+            return
+        if changed:
+            log.info("webhook secrets re-sealed", extra={"rows": changed})
 
     async def _fill_loop(self) -> None:
         while not self._stopping.is_set():
@@ -258,14 +276,20 @@ class WebhookWorker:
     async def _attempt(self, http: httpx.AsyncClient, row: asyncpg.Record) -> Outcome:
         payload = row["payload"]
         body = payload if isinstance(payload, bytes) else codec.dumps(payload)
-        headers = delivery_headers(row["secret"], row["event_id"], body, int(time.time()))
         status_code: int | None = None
         error: str | None = None
         try:
-            response = await http.post(row["url"], content=body, headers=headers)
-            status_code = response.status_code
-        except httpx.HTTPError as exc:
-            error = f"{type(exc).__name__}: {exc}"[:500]
+            secret = webhook_secrets.open_secret(self.cipher, row)
+        except SecretsError as exc:
+            # Its key is no longer configured: retried (and then failed) like a dead URL.
+            secret, error = None, f"secret does not open: {exc}"[:500]
+        if secret is not None:
+            headers = delivery_headers(secret, row["event_id"], body, int(time.time()))
+            try:
+                response = await http.post(row["url"], content=body, headers=headers)
+                status_code = response.status_code
+            except httpx.HTTPError as exc:
+                error = f"{type(exc).__name__}: {exc}"[:500]
         result = outcome(
             row["attempts"], row["created_at"], datetime.now(UTC), status_code, error, self.config
         )

@@ -1,8 +1,8 @@
 """Webhook routes: create, list, delete a webhook and list its deliveries.
 
 A webhook gets a signed JSON POST of every status event of its organization whose status
-it names (services.gateway.webhook_delivery). Its secret is stored as given, because every
-delivery is signed with it, and is never returned.
+it names (services.gateway.webhook_delivery). Its secret signs every delivery, so it is
+kept (encrypted at rest, services.gateway.webhook_secrets) and never returned.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from starlette.routing import Route
 from services.common import schemas
 from services.common.filters import invalid_values
 from services.common.timefmt import format_time
+from services.gateway import webhook_secrets
 from services.gateway.auth import principal_of
 from services.gateway.context import context_of
 from services.gateway.errors import ApiError, json_body
@@ -83,13 +84,17 @@ def _webhook_id(request: Request) -> int:
 async def create_webhook(request: Request) -> Response:
     body = validate_create(await json_body(request, MAX_BODY))
     principal_of(request).require_org(body["organization"])
+    key_id, sealed = webhook_secrets.seal(
+        context_of(request).keys.state, body["organization"], body["url"], body["secret"]
+    )
     row = await _pool(request).fetchrow(
-        "INSERT INTO webhooks (organization, url, statuses, secret) VALUES ($1, $2, $3, $4)"
-        f" RETURNING {_WEBHOOK_FIELDS}",
+        "INSERT INTO webhooks (organization, url, statuses, secret_key_id, secret_sealed)"
+        f" VALUES ($1, $2, $3, $4, $5) RETURNING {_WEBHOOK_FIELDS}",
         body["organization"],
         body["url"],
         body["statuses"],
-        body["secret"],
+        key_id,
+        sealed,
     )
     return FastJSONResponse(webhook_from_row(row), status_code=201)
 

@@ -201,6 +201,7 @@ async def test_sensitive_values_reach_the_runner_and_nothing_else(
     stack = secret_stack
     secret = f"S3cr3t-{uuid.uuid4().hex}"
     tf_secret = f"Tf-{uuid.uuid4().hex}"
+    hook_secret = f"Hook-{uuid.uuid4().hex}"
     received = tmp_path / "received"
     await stack.start_all()
     headers = auth_headers(settings)
@@ -209,6 +210,10 @@ async def test_sensitive_values_reach_the_runner_and_nothing_else(
         WsRecorder(stack.ws_url, headers=headers) as ws,
         httpx.AsyncClient(base_url=stack.url, headers=headers) as client,
     ):
+        # A webhook's signing secret is kept to sign deliveries: encrypted, never in clear.
+        hook = {"organization": "acme", "url": "http://127.0.0.1:9/h", "statuses": ["SUCCESS"]}
+        created = await client.post("/api/webhooks", json={**hook, "secret": hook_secret})
+        assert created.status_code == 201, created.text
         script_id = await submit(
             client,
             {
@@ -290,6 +295,8 @@ async def test_sensitive_values_reach_the_runner_and_nothing_else(
     assert places["column terraform_states.data"]
     assert leaks(secret, places) == []
     assert leaks(tf_secret, places) == []
+    assert places["column webhooks.secret_sealed"]
+    assert leaks(hook_secret, places) == []
     # The search itself works: the unmasked file the script wrote is found.
     assert leaks(secret, {"received": received.read_bytes()}) == ["received"]
     # No key is anywhere either, nor in the job's process environment.

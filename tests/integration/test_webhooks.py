@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import asyncpg
 import httpx
 
 from services.common import codec
@@ -149,6 +150,15 @@ async def test_webhook_api_and_signed_deliveries(settings: Settings, stack: Stac
             event = codec.loads(r.body)
             assert event["event_id"] == r.headers["x-xoogify-event-id"]
             assert event["organization"] == r.path.strip("/")
+
+        # The secret is encrypted at rest: no column holds it in clear.
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            stored = await conn.fetch("SELECT secret, secret_sealed FROM webhooks")
+        finally:
+            await conn.close()
+        assert len(stored) == 2 and all(row["secret"] is None for row in stored)
+        assert all(SECRET.encode() not in bytes(row["secret_sealed"]) for row in stored)
 
         deliveries = await settled(http, acme["id"], 2)
         assert sorted(d["event_id"] for d in deliveries) == ["1-3", "2-2"]

@@ -1,6 +1,7 @@
 """Two webhook workers (as two gateways would run them) on one real Postgres: the outbox is
 filled once per (webhook, event) however many fillers run, only up to the ingestion
-watermark, and every delivery reaches the receiver exactly once (SKIP LOCKED claims)."""
+watermark, and every delivery reaches the receiver exactly once (SKIP LOCKED claims). A
+secret stored in clear (before encryption at rest) is sealed when a worker starts."""
 
 from __future__ import annotations
 
@@ -10,14 +11,17 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
+from services.common.crypto import StateCipher, generate_state_key
 from services.common.timefmt import parse_time
 from services.gateway import db, migrate
 from services.gateway.webhook_delivery import WebhookConfig, WebhookWorker, fill_outbox
-from tests.integration.test_webhooks import receiver
+from tests.integration.test_webhooks import receiver, verify
 from tests.integration.ws_support import job_event
 from tests.support import eventually
 
 FAST = WebhookConfig(backoff_s=0.05, poll_s=0.02, claim_batch=4, workers=3)
+CIPHER = StateCipher(generate_state_key())
+LEGACY_SECRET = "secret-secret"
 
 
 @pytest.fixture
@@ -64,10 +68,11 @@ async def set_watermark(pool: asyncpg.Pool, mark: int) -> None:
 async def add_webhook(pool: asyncpg.Pool, url: str, org: str = "acme") -> int:
     webhook_id: int = await pool.fetchval(
         "INSERT INTO webhooks (organization, url, statuses, secret)"
-        " VALUES ($1, $2, $3, 'secret-secret') RETURNING id",
+        " VALUES ($1, $2, $3, $4) RETURNING id",
         org,
         url,
         ["IN-PROGRESS"],
+        LEGACY_SECRET,  # in clear, as before encryption at rest
     )
     return webhook_id
 
@@ -94,7 +99,7 @@ async def test_two_workers_deliver_each_event_exactly_once(pool: asyncpg.Pool) -
         hook = await add_webhook(pool, recv.url("/h"))
         await store_events(pool, 60)
         await set_watermark(pool, 60)
-        workers = [WebhookWorker(pool, FAST), WebhookWorker(pool, FAST)]
+        workers = [WebhookWorker(pool, FAST, CIPHER), WebhookWorker(pool, FAST, CIPHER)]
         for worker in workers:
             worker.start()
         try:
@@ -111,3 +116,8 @@ async def test_two_workers_deliver_each_event_exactly_once(pool: asyncpg.Pool) -
             hook,
         )
         assert {r["status"]: r["n"] for r in states} == {"delivered": 30}
+        assert all(verify(LEGACY_SECRET, r) for r in recv.delivered())
+        # Sealed at the workers' start (by one of them: the other found it done).
+        row = await pool.fetchrow("SELECT * FROM webhooks WHERE id = $1", hook)
+        assert row["secret"] is None and row["secret_key_id"] == CIPHER.current
+        assert LEGACY_SECRET.encode() not in bytes(row["secret_sealed"])
