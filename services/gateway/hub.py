@@ -26,7 +26,7 @@ from services.common.metrics import REJECTED
 from services.common.schemas import SchemaError
 from services.common.status import is_final
 from services.gateway.context import GatewayContext
-from services.gateway.live_client import Item, LiveClient, make_item
+from services.gateway.live_client import Flush, Item, LiveClient, make_item
 from services.gateway.pull import stream_seq
 
 log = logging.getLogger(__name__)
@@ -193,8 +193,9 @@ class Hub:
             return
         self._last_flush = asyncio.get_running_loop().time()
         self.last_seq = items[-1].stream_seq
+        flush = Flush(items)
         for client in self.clients:
-            client.offer_many(items)
+            client.offer_many(flush)
 
     def _note_final(self, item: Item) -> None:
         # Log followers wait for this: told at once, not at the sockets' flush.
