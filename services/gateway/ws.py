@@ -143,8 +143,8 @@ class Session:
             self._pending_replay = self._apply_filter(initial.filter, initial.since)
 
     async def run(self) -> None:
-        # Registered before reading last_seq, in one step: nothing after it is missed.
-        await self.conn.send_json({"type": "hello", "watermark": self.hub.last_seq})
+        # Registered before reading the watermark, in one step: nothing after it is missed.
+        await self.conn.send_json({"type": "hello", "watermark": self.hub.watermark(self.client)})
         if self._pending_replay is not None:
             self._start_replay(self.client.visibility.filter, self._pending_replay)
         reader = asyncio.create_task(self._read(), name="ws-reader")
@@ -246,7 +246,7 @@ class Session:
         if since is None:
             return None
         self.client.begin_replay()
-        return ReplayWindow(since, self.hub.last_seq)
+        return ReplayWindow(since, self.hub.watermark(self.client))
 
     def _start_replay(self, flt: JobFilter, window: ReplayWindow) -> None:
         self.replay = asyncio.create_task(
