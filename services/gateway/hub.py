@@ -86,6 +86,8 @@ class Hub:
         self._groups = [_Group(0, 0) for _ in range(GROUPS)]
         self._group_of: dict[LiveClient, _Group] = {}
         self._flush_at: asyncio.TimerHandle | None = None
+        # When the armed flush is due, and when the last one was (its turn, not its run).
+        self._flush_due: float | None = None
         self._last_flush = float("-inf")
         # Tunables read when a socket connects (tests lower them).
         self.queue_limit = queue_limit
@@ -230,17 +232,23 @@ class Hub:
         if not waiting:
             return
         loop = asyncio.get_running_loop()
+        now = loop.time()
         spacing = self._spacing()
         # The group flushed longest ago goes next, a full interval after its last flush
-        # and a share of it after the previous flush of any group.
-        due = min(g.flushed_at for g in waiting) + spacing
-        at = max(loop.time(), due, self._last_flush + spacing / GROUPS)
-        self._flush_at = loop.call_at(at, self.flush)
+        # and a share of it after the previous flush of any group. Both count from when
+        # those flushes were due, not when they ran: a late flush (the gateway was busy or
+        # descheduled) is followed by the next one on time, so lateness never adds up.
+        due = max(min(g.flushed_at for g in waiting) + spacing, self._last_flush + spacing / GROUPS)
+        if due < now - spacing:
+            due = now  # after a quiet spell: start afresh, not to catch up on missed turns
+        self._flush_due = due
+        self._flush_at = loop.call_at(max(now, due), self.flush)
 
     def flush(self) -> None:
         """Hand every pending event, in order, to the group flushed longest ago (one
         wake-up per socket); groups without sockets are brought up to date at once."""
         self._flush_at = None
+        due, self._flush_due = self._flush_due, None
         end = self._pending_start + len(self._pending)
         waiting = [g for g in self._groups if g.handed < end]
         if waiting:
@@ -250,8 +258,9 @@ class Hub:
             waiting = [g for g in waiting if g.clients]
         if waiting:
             group = min(waiting, key=lambda g: g.flushed_at)
-            now = asyncio.get_running_loop().time()
-            group.flushed_at = self._last_flush = now
+            if due is None:
+                due = asyncio.get_running_loop().time()
+            group.flushed_at = self._last_flush = due
             items = self._pending[group.handed - self._pending_start :]
             self._hand(group, end)
             flush = Flush(items)
