@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any, cast
 
+import pytest
+
 from services.common import codec
 from services.common.config import Settings
 from services.gateway.context import GatewayContext
-from services.gateway.hub import GROUPS, Hub
+from services.gateway.hub import FLUSH_PER_CLIENT_S, GROUPS, Hub
 from tests.unit.test_hub_live_client import job
 
 
@@ -108,4 +110,21 @@ async def test_groups_are_flushed_in_turn_each_socket_gets_everything_after_its_
         step(h)
     assert seqs(late) == [s for s in (4, 5) if s > hello]
     assert all(seqs(c) == [4, 5] for c in clients)
+    await h.stop()
+
+
+async def test_a_late_turn_does_not_push_the_next_one_back() -> None:
+    h = hub()
+    for _ in range(2 * GROUPS):
+        h.register()
+    spacing = 2 * GROUPS * FLUSH_PER_CLIENT_S
+    h.dispatch(1, "s", data(1))
+    # The first group's turn was due a millisecond ago and runs only now (a busy loop).
+    assert h._flush_at is not None
+    h._flush_at.cancel()
+    due = asyncio.get_running_loop().time() - 0.001
+    h._flush_due = due
+    h.flush()
+    # The next group's turn counts from when the late one was due, not from now.
+    assert h._flush_due == pytest.approx(due + spacing / GROUPS, abs=1e-9)
     await h.stop()
