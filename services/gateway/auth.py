@@ -93,6 +93,23 @@ def origin_matches(origin: str | None, host: str | None, secure: bool) -> bool:
     return origin.rstrip("/").lower() == f"{scheme}://{host}".lower()
 
 
+# The request headers Authenticate reads, by their raw (ASGI: lower-case) names.
+_WANTED = {
+    name.encode(): name for name in ("authorization", "cookie", "origin", "host", CSRF_HEADER)
+}
+
+
+def wanted_headers(scope: Scope) -> dict[str, str]:
+    """The headers Authenticate reads, from one pass over the request's (the first of each,
+    as starlette's `Headers.get` gives), instead of a search of them all per header."""
+    found: dict[str, str] = {}
+    for raw_name, raw_value in scope["headers"]:
+        name = _WANTED.get(raw_name)
+        if name is not None and name not in found:
+            found[name] = raw_value.decode("latin-1")
+    return found
+
+
 def bearer(headers: Any) -> str | None:
     value = headers.get("authorization", "")
     scheme, _, token = value.partition(" ")
@@ -229,23 +246,20 @@ class Authenticate:
         ):
             await self.app(scope, receive, send)
             return
-        conn = HTTPConnection(scope)
         pool = scope["app"].state.ctx.pool
         secure = scope.get("scheme") in ("https", "wss")
 
-        if (
-            scope["type"] == "http"
-            and scope["method"] in ("GET", "HEAD")
-            and _is_page(path)
-            and LOGIN_PARAM in conn.query_params
-        ):
-            await self._login(conn, pool, secure, scope, receive, send)
-            return
+        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD") and _is_page(path):
+            conn = HTTPConnection(scope)
+            if LOGIN_PARAM in conn.query_params:
+                await self._login(conn, pool, secure, scope, receive, send)
+                return
 
-        secret = bearer(conn.headers)
+        headers = wanted_headers(scope)
+        secret = bearer(headers)
         via_cookie = False
         if secret is None:
-            secret = session_cookie(conn.headers)
+            secret = session_cookie(headers)
             via_cookie = secret is not None
         try:
             record = await self.cache.lookup(pool, secret) if secret else None
@@ -260,12 +274,12 @@ class Authenticate:
             await self._deny(scope, receive, send, 403, "a runner token cannot use the API")
             return
         if via_cookie and scope["type"] == "websocket":
-            if not origin_matches(conn.headers.get("origin"), conn.headers.get("host"), secure):
+            if not origin_matches(headers.get("origin"), headers.get("host"), secure):
                 await self._deny(scope, receive, send, 403, "cross-origin websocket refused")
                 return
         if via_cookie and scope["type"] == "http" and scope["method"] not in _SAFE_METHODS:
             assert secret is not None
-            if not csrf_ok(secret, conn.headers.get(CSRF_HEADER)):
+            if not csrf_ok(secret, headers.get(CSRF_HEADER)):
                 await self._deny(scope, receive, send, 403, "missing or wrong CSRF token")
                 return
         principal = Principal(record.name, record.kind, frozenset(record.organizations), via_cookie)

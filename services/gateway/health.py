@@ -4,6 +4,7 @@ Postgres both answer), `/metrics` (Prometheus text)."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from starlette.requests import Request
@@ -25,6 +26,8 @@ class RequestMetrics:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        # The labelled counters by (route, status): `labels()` validates and locks each time.
+        self._counters: dict[tuple[str, int], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -43,7 +46,10 @@ class RequestMetrics:
         finally:
             endpoint = scope.get("endpoint")
             route = getattr(endpoint, "__name__", None) or "unmatched"
-            HTTP_REQUESTS.labels(route, str(status)).inc()
+            counter = self._counters.get((route, status))
+            if counter is None:
+                counter = self._counters[route, status] = HTTP_REQUESTS.labels(route, str(status))
+            counter.inc()
 
 
 async def healthz(request: Request) -> Response:

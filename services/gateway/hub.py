@@ -1,13 +1,15 @@
 """The websocket fan-out hub: one ordered consumer on the events stream, live only, and a
 bounded queue per socket (see `live_client.LiveClient`).
 
-Each event is checked and encoded once, then offered to every socket without awaiting,
-so a slow socket never slows the hub or anyone else. Events are handed to the sockets in
+Each event is checked and encoded once, then offered to the sockets without awaiting, so
+a slow socket never slows the hub or anyone else. Events are handed to the sockets in
 flushes: at once while few sockets are connected, at most one flush per few milliseconds
-per hundred sockets when many are (each flush wakes and sends to every socket, so with a
-thousand sockets one send per socket per event would be most of the gateway's CPU). A
-watchdog restarts the ordered consumer after the last event received when it stops
-delivering (nats-py may not recreate it after a NATS restart).
+per hundred sockets when many are (each flush wakes and sends to every socket it covers,
+so with a thousand sockets one send per socket per event would be most of the gateway's
+CPU). The sockets are spread over a few groups flushed in turn, evenly spaced: each socket
+still gets one frame per flush interval, but no update waits for the sends to every other
+socket first. A watchdog restarts the ordered consumer after the last event received when
+it stops delivering (nats-py may not recreate it after a NATS restart).
 """
 
 from __future__ import annotations
@@ -26,22 +28,39 @@ from services.common.metrics import REJECTED
 from services.common.schemas import SchemaError
 from services.common.status import is_final
 from services.gateway.context import GatewayContext
-from services.gateway.live_client import Item, LiveClient, make_item
+from services.gateway.live_client import Flush, Item, LiveClient, make_item
 from services.gateway.pull import stream_seq
 
 log = logging.getLogger(__name__)
 
 RECENT_FINAL = 10_000
-# Flushes to the sockets are at least (sockets * FLUSH_PER_CLIENT_S) apart (100 ms for a
+# Flushes to a socket are at least (sockets * FLUSH_PER_CLIENT_S) apart (100 ms for a
 # thousand sockets), never more than FLUSH_MAX_S.
 FLUSH_PER_CLIENT_S = 0.0001
 FLUSH_MAX_S = 0.1
+# The sockets are in this many groups, flushed one after another, 1/GROUPS of the
+# interval apart: the sends of one flush are a tenth of them, so the last socket of a
+# flush is served within milliseconds, not after a thousand sends.
+GROUPS = 10
 
 WS_CLIENTS = Gauge("xoogify_gateway_ws_clients", "Websockets connected to this gateway")
 WS_RESYNCS = Counter("xoogify_gateway_ws_resyncs_total", "Websockets sent `resync`")
 HUB_RESTARTS = Counter(
     "xoogify_gateway_hub_restarts_total", "Times the watchdog restarted the hub's consumer"
 )
+
+
+class _Group:
+    """Sockets flushed together. `handed` counts the hub's events (an index into its
+    stream of checked events) handed to them; `last_seq` is the last one's sequence."""
+
+    __slots__ = ("clients", "flushed_at", "handed", "last_seq")
+
+    def __init__(self, handed: int, last_seq: int) -> None:
+        self.clients: set[LiveClient] = set()
+        self.handed = handed
+        self.last_seq = last_seq
+        self.flushed_at = float("-inf")
 
 
 class Hub:
@@ -57,13 +76,19 @@ class Hub:
         watchdog_interval: float = 1.0,
     ) -> None:
         self.ctx = ctx
-        # The last event handed to the sockets (a `hello`'s watermark, a replay's switch
-        # point) and the last one received from the stream (which may wait for a flush).
-        self.last_seq = 0
+        # The last event received from the stream (which may wait for a flush); what each
+        # group was handed is its own (`watermark`).
         self.received_seq = 0
+        # Checked events not yet handed to every group; _pending[0] is event number
+        # _pending_start of the hub's life.
         self._pending: list[Item] = []
+        self._pending_start = 0
+        self._groups = [_Group(0, 0) for _ in range(GROUPS)]
+        self._group_of: dict[LiveClient, _Group] = {}
         self._flush_at: asyncio.TimerHandle | None = None
-        self._last_flush = 0.0
+        # When the armed flush is due, and when the last one was (its turn, not its run).
+        self._flush_due: float | None = None
+        self._last_flush = float("-inf")
         # Tunables read when a socket connects (tests lower them).
         self.queue_limit = queue_limit
         self.buffer_limit = buffer_limit
@@ -83,7 +108,9 @@ class Hub:
     async def start(self) -> None:
         info = await self.ctx.js.stream_info(self.ctx.settings.subjects.events_stream)
         # Live only: whatever is already in the stream is the snapshot's or a replay's job.
-        self.last_seq = self.received_seq = info.state.last_seq
+        self.received_seq = info.state.last_seq
+        for group in self._groups:
+            group.last_seq = self.received_seq
         await self._subscribe()
         self._watchdog = asyncio.create_task(self._watch(), name="hub-watchdog")
 
@@ -161,8 +188,18 @@ class Hub:
     async def _on_msg(self, msg: Msg) -> None:
         self.dispatch(stream_seq(msg), msg.subject, msg.data)
 
+    @property
+    def last_seq(self) -> int:
+        """The last event handed to every socket."""
+        return min(group.last_seq for group in self._groups)
+
+    def watermark(self, client: LiveClient) -> int:
+        """The last event handed to this socket's group: a `hello`'s watermark, a replay's
+        switch point. Every later one reaches the socket by its group's flushes."""
+        return self._group_of[client].last_seq
+
     def dispatch(self, stream_seq: int, subject: str, data: bytes) -> None:
-        """Take one stream event for the sockets' next flush. Never awaits."""
+        """Take one stream event for the sockets' next flushes. Never awaits."""
         if stream_seq <= self.received_seq:
             return  # already dispatched (a restarted consumer may overlap)
         self.received_seq = stream_seq
@@ -176,25 +213,70 @@ class Hub:
                 extra={"subject": subject, "stream_seq": stream_seq, "error": str(exc)},
             )
             if not self._pending:
-                self.last_seq = stream_seq  # nothing waits before it: sockets are past it
+                # Nothing waits before it: every socket is past it.
+                for group in self._groups:
+                    group.last_seq = stream_seq
             return
         self._note_final(item)
         self._pending.append(item)
         if self._flush_at is None:
-            loop = asyncio.get_running_loop()
-            spacing = min(FLUSH_MAX_S, len(self.clients) * FLUSH_PER_CLIENT_S)
-            self._flush_at = loop.call_at(max(loop.time(), self._last_flush + spacing), self.flush)
+            self._schedule()
+
+    def _spacing(self) -> float:
+        """How far apart two flushes of one group must be."""
+        return min(FLUSH_MAX_S, len(self.clients) * FLUSH_PER_CLIENT_S)
+
+    def _schedule(self) -> None:
+        end = self._pending_start + len(self._pending)
+        waiting = [g for g in self._groups if g.handed < end]
+        if not waiting:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        spacing = self._spacing()
+        # The group flushed longest ago goes next, a full interval after its last flush
+        # and a share of it after the previous flush of any group. Both count from when
+        # those flushes were due, not when they ran: a late flush (the gateway was busy or
+        # descheduled) is followed by the next one on time, so lateness never adds up.
+        due = max(min(g.flushed_at for g in waiting) + spacing, self._last_flush + spacing / GROUPS)
+        if due < now - spacing:
+            due = now  # after a quiet spell: start afresh, not to catch up on missed turns
+        self._flush_due = due
+        self._flush_at = loop.call_at(max(now, due), self.flush)
 
     def flush(self) -> None:
-        """Hand every pending event to every socket, in order (one wake-up per socket)."""
+        """Hand every pending event, in order, to the group flushed longest ago (one
+        wake-up per socket); groups without sockets are brought up to date at once."""
         self._flush_at = None
-        items, self._pending = self._pending, []
-        if not items:
-            return
-        self._last_flush = asyncio.get_running_loop().time()
-        self.last_seq = items[-1].stream_seq
-        for client in self.clients:
-            client.offer_many(items)
+        due, self._flush_due = self._flush_due, None
+        end = self._pending_start + len(self._pending)
+        waiting = [g for g in self._groups if g.handed < end]
+        if waiting:
+            for group in waiting:
+                if not group.clients:
+                    self._hand(group, end)
+            waiting = [g for g in waiting if g.clients]
+        if waiting:
+            group = min(waiting, key=lambda g: g.flushed_at)
+            if due is None:
+                due = asyncio.get_running_loop().time()
+            group.flushed_at = self._last_flush = due
+            items = self._pending[group.handed - self._pending_start :]
+            self._hand(group, end)
+            flush = Flush(items)
+            for client in group.clients:
+                client.offer_many(flush)
+        # Events every group was handed are dropped.
+        handed = min(g.handed for g in self._groups)
+        if handed > self._pending_start:
+            del self._pending[: handed - self._pending_start]
+            self._pending_start = handed
+        self._schedule()
+
+    def _hand(self, group: _Group, end: int) -> None:
+        if end > group.handed:
+            group.handed = end
+            group.last_seq = self._pending[end - 1 - self._pending_start].stream_seq
 
     def _note_final(self, item: Item) -> None:
         # Log followers wait for this: told at once, not at the sockets' flush.
@@ -210,11 +292,17 @@ class Hub:
     def register(self, orgs: frozenset[str] | None = None) -> LiveClient:
         """A new socket's queue; `orgs` limits it to those organizations' jobs."""
         client = LiveClient(queue_limit=self.queue_limit, buffer_limit=self.buffer_limit, orgs=orgs)
+        group = min(self._groups, key=lambda g: len(g.clients))
+        group.clients.add(client)
+        self._group_of[client] = group
         self.clients.add(client)
         WS_CLIENTS.set(len(self.clients))
         return client
 
     def unregister(self, client: LiveClient) -> None:
+        group = self._group_of.pop(client, None)
+        if group is not None:
+            group.clients.discard(client)
         self.clients.discard(client)
         WS_CLIENTS.set(len(self.clients))
 

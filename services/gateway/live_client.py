@@ -77,24 +77,39 @@ def make_item(stream_seq: int, data: bytes) -> Item:
     return Item(stream_seq, job["build_id"], job, codec.dumps(job))
 
 
-class _LastFrame:
-    """The last `jobs` frame built. After a hub flush, every socket with the same filter
-    takes the same items, one after the other: they share one frame instead of joining the
-    same bytes a thousand times."""
+class Flush:
+    """One hub flush as every socket is offered it: its items with their sequences and
+    total size worked out once, not once per socket."""
 
-    items: list[Item] = []
-    text = ""
+    __slots__ = ("items", "seqs", "size")
+
+    def __init__(self, items: list[Item]) -> None:
+        self.items = items
+        self.seqs = [i.stream_seq for i in items]
+        self.size = sum(len(i.raw) for i in items)
+
+
+# Frames built lately, by (item count, first and last sequence): after a hub flush every
+# socket with the same filter takes the same items, one after the other, and they share
+# one frame instead of joining the same bytes a thousand times. Several are kept, because
+# a socket that was still sending during a flush takes two flushes in one frame.
+_FRAMES: dict[tuple[int, int, int], tuple[list[Item], str]] = {}
+_FRAMES_KEPT = 16
 
 
 def jobs_frame(items: list[Item]) -> str:
     """`{"type": "jobs", "items": [...]}` from pre-encoded items, without re-encoding them."""
-    # List equality compares identity first: cheap when the items are the same objects.
-    if items != _LastFrame.items:
-        _LastFrame.text = (
-            b'{"type":"jobs","items":[' + b",".join(i.raw for i in items) + b"]}"
-        ).decode()
-        _LastFrame.items = list(items)
-    return _LastFrame.text
+    key = (len(items), items[0].stream_seq, items[-1].stream_seq) if items else (0, 0, 0)
+    hit = _FRAMES.get(key)
+    # List equality compares identity first: cheap when the items are the same objects
+    # (a filtered socket may take other items between the same two).
+    if hit is not None and hit[0] == items:
+        return hit[1]
+    text = (b'{"type":"jobs","items":[' + b",".join(i.raw for i in items) + b"]}").decode()
+    if len(_FRAMES) >= _FRAMES_KEPT:
+        del _FRAMES[next(iter(_FRAMES))]  # the oldest
+    _FRAMES[key] = (list(items), text)
+    return text
 
 
 class Visibility:
@@ -270,6 +285,8 @@ class LiveClient:
     orgs: frozenset[str] | None = None
     visibility: Visibility = field(default_factory=lambda: Visibility(JobFilter()))
     queue: deque[Item] = field(default_factory=deque)
+    # The bytes of the items in `queue`, kept up to date so `take` need not add them up.
+    queued_bytes: int = 0
     sent: SentSeqs = field(default_factory=SentSeqs)
     resync_reason: str | None = None
     # After a resync, live items are dropped until the client sends a new `filter`.
@@ -290,38 +307,45 @@ class LiveClient:
         """A live event from the hub."""
         self.offer_many([item])
 
-    def offer_many(self, items: list[Item]) -> None:
+    def offer_many(self, items: list[Item] | Flush) -> None:
         """Live events from the hub, in stream order: one flush of the hub."""
-        if self.paused or not items:
+        flush = items if isinstance(items, Flush) else Flush(items)
+        if self.paused or not flush.items:
             return
         if self.replaying:
             # Filtered only at the hand-over, in order, so that an update taking a job out
             # of the filter is recognised even when the replay had not yet reached it.
-            self.buffer.extend(items)
+            self.buffer.extend(flush.items)
             if len(self.buffer) > self.buffer_limit:
                 self.overflow("fell behind during replay")
             return
-        self._deliver(items)
+        self._deliver(flush)
 
-    def _deliver(self, items: list[Item]) -> None:
+    def _deliver(self, flush: Flush) -> None:
         sent = self.sent
-        if items[0].stream_seq <= sent.highest:
+        items = flush.items
+        if items[0].stream_seq <= sent.highest or not self.visibility.everything:
             # Only after a replay can a sequence come twice; live ones are all new.
-            items = [i for i in items if i.stream_seq not in sent]
-        if not self.visibility.everything:
-            wants = self.visibility.wants
-            items = [i for i in items if wants(i)]
+            if items[0].stream_seq <= sent.highest:
+                items = [i for i in items if i.stream_seq not in sent]
+            if not self.visibility.everything:
+                wants = self.visibility.wants
+                items = [i for i in items if wants(i)]
+            if items is not flush.items:
+                flush = Flush(items)
         if not items:
             return
         if len(self.queue) + len(items) > self.queue_limit:
             self.overflow("fell behind: send queue full")
             return
         self.queue.extend(items)
-        sent.add_many([i.stream_seq for i in items])
+        self.queued_bytes += flush.size
+        sent.add_many(flush.seqs)
         self.wake.set()
 
     def _enqueue(self, item: Item) -> None:
         self.queue.append(item)
+        self.queued_bytes += len(item.raw)
         self.sent.add(item.stream_seq)
         self.wake.set()
 
@@ -330,6 +354,7 @@ class LiveClient:
         for item in self.queue:
             self.sent.discard(item.stream_seq)
         self.queue.clear()
+        self.queued_bytes = 0
         self.buffer.clear()
         self.replaying = False
         self.paused = True
@@ -344,6 +369,7 @@ class LiveClient:
         for item in self.queue:
             self.sent.discard(item.stream_seq)
         self.queue.clear()
+        self.queued_bytes = 0
         self.buffer.clear()
         self.visibility = Visibility(flt, self.orgs)
         self.replaying = False
@@ -371,7 +397,7 @@ class LiveClient:
         self.replaying = False
         live = [item for item in buffered if window.in_live(item.stream_seq)]
         if live:
-            self._deliver(live)
+            self._deliver(Flush(live))
 
     def take(self, max_items: int = 500, max_bytes: int = 512 * 1024) -> list[Item]:
         """The next frame's items: as many as are queued, within both bounds (a single
@@ -379,13 +405,13 @@ class LiveClient:
         queue = self.queue
         if not queue:
             return []
-        if len(queue) <= max_items:
+        if len(queue) <= max_items and self.queued_bytes <= max_bytes:
             # The usual case: everything queued fits in one frame.
             items = list(queue)
-            if sum(len(i.raw) for i in items) <= max_bytes:
-                queue.clear()
-                self.space.set()
-                return items
+            queue.clear()
+            self.queued_bytes = 0
+            self.space.set()
+            return items
         items = []
         size = 0
         while queue and len(items) < max_items:
@@ -394,6 +420,7 @@ class LiveClient:
                 break
             items.append(queue.popleft())
             size += nxt
+        self.queued_bytes -= size
         self.space.set()
         return items
 

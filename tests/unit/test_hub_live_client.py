@@ -256,3 +256,32 @@ def test_a_flush_that_overflows_drops_it_whole() -> None:
     client.offer_many([item(n, build_id=n) for n in range(3, 6)])
     assert client.take_resync() == "fell behind: send queue full"
     assert client.take() == [] and 1 not in client.sent
+
+
+def test_sockets_behind_by_a_flush_still_share_frames() -> None:
+    # One socket takes each flush on its own, another (still sending meanwhile) both at
+    # once: neither evicts the other's frame, which stays shared with its peers.
+    first = [item(n, build_id=n) for n in (1, 2)]
+    second = [item(n, build_id=n) for n in (3, 4)]
+    both = jobs_frame(first + second)
+    one = jobs_frame(first)
+    assert jobs_frame(list(first + second)) is both
+    assert jobs_frame(list(first)) is one
+    # Same count and ends, other items between them (a filtered socket): its own frame.
+    middle = [first[0], item(9, build_id=9), second[1]]
+    assert codec.loads(jobs_frame(middle))["items"][1]["stream_seq"] == 9
+
+
+def test_queued_bytes_follow_the_queue() -> None:
+    client = LiveClient()
+    flush = [item(n, build_id=n) for n in range(1, 6)]
+    client.offer_many(flush)
+    client.offer(item(6, build_id=6))
+    assert client.queued_bytes == sum(len(i.raw) for i in client.queue)
+    size = len(flush[0].raw)
+    assert len(client.take(max_bytes=size * 2)) == 2
+    assert client.queued_bytes == sum(len(i.raw) for i in client.queue)
+    assert len(client.take()) == 4 and client.queued_bytes == 0
+    client.offer_many([item(7, build_id=7)])
+    client.overflow("test")
+    assert client.queued_bytes == 0
