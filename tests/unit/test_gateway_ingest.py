@@ -57,6 +57,8 @@ def test_a_valid_event_is_kept_as_received() -> None:
         (event(1, 2), "xoogify.events.acme.stg.2", "does not match"),
         (event(1, 2), "xoogify.events.other.stg.1", "does not match"),
         (event(1, 2) | {"event_id": "1-3"}, "xoogify.events.acme.stg.1", "event_id"),
+        # The separator of payloads on their way to Postgres: never in valid JSON.
+        (codec.dumps(event(1, 2)) + b"\x1e", "xoogify.events.acme.stg.1", "RS"),
     ],
 )
 def test_a_bad_event_is_an_error_that_names_the_problem(
