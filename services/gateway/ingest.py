@@ -204,27 +204,38 @@ class Ingestor:
         self.consumer = f"ingest-{kind}-{ctx.gateway_id}"
         self.progress = Contiguity()
         self._stopping = asyncio.Event()
+        # Which consumer (recreated by each _subscribe) delivered a batch: its ack goes only
+        # to that one (an ack-all to a newer consumer of the same name could cover
+        # messages that consumer handed over and are not stored yet).
+        self._generation = 0
 
-    async def _subscribe(self, fresh: bool) -> Puller:
-        if fresh:
-            # Start over just after the stored watermark. Messages a killed predecessor
-            # fetched but never acked would otherwise come back only after ack_wait,
-            # holding the watermark back that long; re-reading a few is harmless.
-            with contextlib.suppress(NotFoundError):
-                await self.ctx.js.delete_consumer(self.stream, self.consumer)
+    async def _subscribe(self) -> Puller:
+        # Always start over just after the stored watermark, with a new consumer: messages
+        # a killed predecessor (or a Puller given up after a NATS error) was handed but
+        # never stored would otherwise come back only after ack_wait, holding the
+        # watermark back that long, and with acks covering everything up to a sequence
+        # (below) they must never be left pending behind stored ones. Re-reading a few
+        # is harmless.
+        self._generation += 1
+        with contextlib.suppress(NotFoundError):
+            await self.ctx.js.delete_consumer(self.stream, self.consumer)
         config = ConsumerConfig(
             durable_name=self.consumer,
             filter_subject=self.subject,
-            ack_policy=AckPolicy.EXPLICIT,
+            # One ack per batch, for its highest stream sequence, covers the whole batch:
+            # one publish here and one ack for NATS to process instead of a thousand
+            # (about 5 us of CPU per event between the gateway and nats-server). Safe
+            # because every message up to that sequence that this consumer handed over
+            # is stored by then: first deliveries come in stream order, batches are
+            # stored in order, a batch is retried until stored (never skipped), and a
+            # batch is acked only to the consumer that delivered it (`_generation`).
+            ack_policy=AckPolicy.ALL,
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
             opt_start_seq=self.progress.watermark + 1,
             ack_wait=30,
             max_ack_pending=MAX_ACK_PENDING,
         )
-        try:
-            await self.ctx.js.consumer_info(self.stream, self.consumer)
-        except NotFoundError:
-            await self.ctx.js.add_consumer(self.stream, config)
+        await self.ctx.js.add_consumer(self.stream, config)
         puller = Puller(self.ctx.nc, self.stream, self.consumer)
         await puller.start()
         return puller
@@ -246,14 +257,12 @@ class Ingestor:
         previous one is being stored (stores stay one at a time, in order)."""
         await self._load_progress()
         puller: Puller | None = None
-        fresh = True
         storing: asyncio.Task[None] | None = None
         try:
             while not self._stopping.is_set():
                 try:
                     if puller is None:
-                        puller = await self._subscribe(fresh)
-                        fresh = False
+                        puller = await self._subscribe()
                     msgs = await puller.fetch(BATCH, timeout=0.5)
                 except asyncio.CancelledError:
                     raise
@@ -271,7 +280,7 @@ class Ingestor:
                 decoded = [_decode(m, self.schema, self.check) for m in msgs]
                 if storing is not None:
                     await storing
-                storing = asyncio.create_task(self._store_batch(msgs, decoded))
+                storing = asyncio.create_task(self._store_batch(msgs, decoded, self._generation))
         finally:
             if storing is not None:
                 # Let a batch in hand finish its transaction and acks.
@@ -284,18 +293,32 @@ class Ingestor:
     async def _reply(self, msg: Delivery, payload: bytes) -> None:
         await self.ctx.nc.publish(msg.reply, payload)
 
-    async def _store_batch(self, msgs: list[Delivery], decoded: list[Decoded]) -> None:
-        try:
-            await self._store_until_done(msgs, decoded)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            # A bug must not end ingestion: the batch stays unacked, comes back after
-            # ack_wait, and everything else goes on.
-            log.exception("ingest batch failed", extra={"kind": self.kind})
-            await asyncio.sleep(1)
+    async def _store_batch(
+        self, msgs: list[Delivery], decoded: list[Decoded], generation: int
+    ) -> None:
+        delay = 1.0
+        while True:
+            try:
+                await self._store_until_done(msgs, decoded, generation)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A bug must not end ingestion, nor may the batch be skipped: a later
+                # batch's ack would cover it. It is tried again (loudly) until stored or
+                # the gateway stops; unacked, it is then read again at the next start.
+                log.exception("ingest batch failed; retrying", extra={"kind": self.kind})
+                if self._stopping.is_set():
+                    return
+                for m in msgs:
+                    with contextlib.suppress(Exception):
+                        await self._reply(m, IN_PROGRESS)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
 
-    async def _store_until_done(self, msgs: list[Delivery], decoded: list[Decoded]) -> None:
+    async def _store_until_done(
+        self, msgs: list[Delivery], decoded: list[Decoded], generation: int
+    ) -> None:
         delay = 0.2
         while True:
             try:
@@ -314,15 +337,22 @@ class Ingestor:
                         await self._reply(m, IN_PROGRESS)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-        # Committed: now, and only now, the acks (and the terms of what was rejected).
+        # Committed: now, and only now, the terms of what was rejected and the ack of the
+        # batch (its highest stream sequence: the consumer acks everything up to it).
         rejected = 0
-        for m, d in zip(msgs, decoded, strict=True):
-            with contextlib.suppress(Exception):
-                if d.error is None:
-                    await self._reply(m, ACK)
-                else:
+        if generation == self._generation:
+            for m, d in zip(msgs, decoded, strict=True):
+                if d.error is not None:
                     rejected += 1
-                    await self._reply(m, TERM)
+                    with contextlib.suppress(Exception):
+                        await self._reply(m, TERM)
+            top = max(zip(decoded, msgs, strict=True), key=lambda pair: pair[0].stream_seq)[1]
+            with contextlib.suppress(Exception):
+                await self._reply(top, ACK)
+        else:
+            # Its consumer was replaced meanwhile; the new one reads it again from the
+            # watermark (storing it again is harmless).
+            rejected = sum(1 for d in decoded if d.error is not None)
         if rejected:
             for d in decoded:
                 if d.error is not None:

@@ -3,11 +3,13 @@ never moving a job backwards; malformed messages recorded and skipped; the water
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from typing import Any
 
 import asyncpg
 import httpx
+import pytest
 
 from services.common import codec
 from services.common.config import Settings
@@ -200,6 +202,41 @@ async def test_variables_come_from_the_first_event_whenever_it_arrives(settings:
             seven = (await client.get("/api/jobs/7")).json()
     assert six["seq"] == 2 and six["status"] == "WORKING" and six["variables"] == variables
     assert seven["seq"] == 2 and seven["variables"] == variables
+
+
+async def test_a_batch_that_fails_is_stored_before_later_ones_are_acked(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One ack covers everything up to a batch's highest sequence, so a batch that fails
+    (here: a bug, once) must be tried again, not skipped for the next one: the next one's
+    ack would cover it and it would never come back."""
+    original = Ingestor._store
+    failed = asyncio.Event()
+
+    async def fails_once(self: Ingestor, batch: list[Decoded]) -> None:
+        if self.kind == "events" and not failed.is_set():
+            failed.set()
+            raise RuntimeError("a bug, once")
+        await original(self, batch)
+
+    monkeypatch.setattr(Ingestor, "_store", fails_once)
+    async with publisher(settings) as pub:
+        for build_id in range(1, 4):
+            await pub.event(job_event(build_id, 1))
+        async with serve_gateway(settings):
+            await asyncio.wait_for(failed.wait(), 15)
+            for build_id in range(4, 7):
+                await pub.event(job_event(build_id, 1))
+            last = await pub.last_seq()
+
+            async def stored() -> bool:
+                mark = await fetchval(
+                    settings, "SELECT max(watermark) FROM ingest_progress WHERE kind = 'events'"
+                )
+                return bool(mark == last)
+
+            await eventually(stored, timeout=20)
+    assert await fetchval(settings, "SELECT count(*) FROM job_events") == 6
 
 
 def decoded(stream_seq: int, build_id: int) -> Decoded:
