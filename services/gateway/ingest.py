@@ -2,10 +2,11 @@
 
 A durable pull consumer per gateway and stream; each fetched batch is written in ONE
 transaction (jobs collapsed to the highest `seq` per build first, events keyed by
-`event_id`, chunks by `(build_id, offset)`, all idempotent), committed, then acked. Nothing
-is acked before it is stored; a redelivery is harmless. A malformed message is recorded in
-`rejected_messages` in the same transaction, counted, then terminated: it never blocks.
-If Postgres is down the batch is kept and retried until it is back.
+`event_id`, chunks by `(build_id, offset)`, all idempotent), committed, then acked with one
+ack for the whole batch. Nothing is acked before it is stored; a redelivery is harmless. A
+malformed message is recorded in `rejected_messages` in the same transaction, counted, then
+terminated: it never blocks. If Postgres is down the batch is kept and retried until it is
+back. docs/internals.md ("Ingestion") says why one ack per batch is safe.
 """
 
 from __future__ import annotations
@@ -257,12 +258,14 @@ class Ingestor:
         previous one is being stored (stores stay one at a time, in order)."""
         await self._load_progress()
         puller: Puller | None = None
+        generation = 0
         storing: asyncio.Task[None] | None = None
         try:
             while not self._stopping.is_set():
                 try:
                     if puller is None:
                         puller = await self._subscribe()
+                        generation = self._generation
                     msgs = await puller.fetch(BATCH, timeout=0.5)
                 except asyncio.CancelledError:
                     raise
@@ -280,7 +283,7 @@ class Ingestor:
                 decoded = [_decode(m, self.schema, self.check) for m in msgs]
                 if storing is not None:
                     await storing
-                storing = asyncio.create_task(self._store_batch(msgs, decoded, self._generation))
+                storing = asyncio.create_task(self._store_batch(msgs, decoded, generation))
         finally:
             if storing is not None:
                 # Let a batch in hand finish its transaction and acks.
