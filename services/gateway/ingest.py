@@ -2,10 +2,11 @@
 
 A durable pull consumer per gateway and stream; each fetched batch is written in ONE
 transaction (jobs collapsed to the highest `seq` per build first, events keyed by
-`event_id`, chunks by `(build_id, offset)`, all idempotent), committed, then acked. Nothing
-is acked before it is stored; a redelivery is harmless. A malformed message is recorded in
-`rejected_messages` in the same transaction, counted, then terminated: it never blocks.
-If Postgres is down the batch is kept and retried until it is back.
+`event_id`, chunks by `(build_id, offset)`, all idempotent), committed, then acked with one
+ack for the whole batch. Nothing is acked before it is stored; a redelivery is harmless. A
+malformed message is recorded in `rejected_messages` in the same transaction, counted, then
+terminated: it never blocks. If Postgres is down the batch is kept and retried until it is
+back. docs/internals.md ("Ingestion") says why one ack per batch is safe.
 """
 
 from __future__ import annotations
@@ -18,16 +19,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 from prometheus_client import Counter, Histogram
 
 from services.common import schemas
 from services.common.metrics import REJECTED
-from services.common.timefmt import parse_time
 from services.gateway.context import GatewayContext
-from services.gateway.pull import Puller, stream_seq
+from services.gateway.pull import ACK, IN_PROGRESS, TERM, Delivery, Puller, reply_stream_seq
 from services.gateway.watermark import Contiguity
 
 log = logging.getLogger(__name__)
@@ -53,17 +52,50 @@ BATCH_SIZE = Histogram(
     buckets=(1, 10, 50, 100, 250, 500, 1000),
 )
 
-# Each batch is one statement per table: the rows travel as arrays (one per column) and
-# `unnest` turns them back into rows, so Postgres plans and executes once per batch instead
-# of once per row (executemany), which was most of the database's time.
-_UPSERT_JOBS = """
+# A batch of events is one statement: the payloads travel as received with their stream
+# sequences, and Postgres parses each once (it stores it as jsonb anyway) and takes the
+# columns from it. Building 30 typed arrays in Python and encoding them with asyncpg cost
+# more than half of the gateway's CPU per event; Postgres does the same work in C for less
+# than it saves in decoding binary parameters. The payloads go as ONE bytea, separated by
+# RS (0x1E, as in RFC 7464 JSON text sequences): asyncpg spends 0.7 us per element of a
+# bytea[] or text[] (an ABC isinstance check each), ten times the cost of copying them.
+# Valid JSON never holds a raw control character (`_decode` refuses one anyway).
+# `jsonb_to_record` reads values as Postgres would read them as text: a value the schema
+# lets through but a column cannot hold (a time like 2026-13-45, a number out of range) is
+# a DataError, and the batch is then stored one by one so that message alone is rejected.
+# The job row comes from the batch's newest event per build (an INSERT … ON CONFLICT may
+# not touch a row twice) and never replaces a newer one; a batch may hold the same event
+# twice (a redelivery): DO NOTHING skips the second.
+_STORE_EVENTS = """
+WITH received AS MATERIALIZED (
+    SELECT m.stream_seq, m.payload::jsonb AS payload
+      FROM unnest($1::bigint[], string_to_array(convert_from($2, 'UTF8'), chr(30)))
+           AS m (stream_seq, payload)
+), events AS MATERIALIZED (
+    SELECT r.stream_seq, r.payload, e.*
+      FROM received r, jsonb_to_record(r.payload) AS e (
+          event_id text, build_id bigint, organization text, environment text,
+          module_type text, module_name text, action text, status text, reason text,
+          exit_code integer, runner_id text, queue_position integer, seq integer,
+          requested_by text, submitted_at timestamptz, started_at timestamptz,
+          finished_at timestamptz, updated_at timestamptz, variables jsonb)
+), stored AS (
+    INSERT INTO job_events (event_id, build_id, seq, status, at, reason, runner_id, exit_code,
+                            queue_position, stream_seq, payload)
+    SELECT event_id, build_id, seq, status, updated_at, reason, runner_id, exit_code,
+           queue_position, stream_seq, payload
+      FROM events
+    ON CONFLICT (event_id) DO NOTHING
+)
 INSERT INTO jobs (build_id, organization, environment, module_type, module_name, action,
                   status, reason, exit_code, runner_id, queue_position, seq, requested_by,
                   submitted_at, started_at, finished_at, updated_at, stream_seq, variables)
-SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[],
-                     $6::text[], $7::text[], $8::text[], $9::int[], $10::text[], $11::int[],
-                     $12::int[], $13::text[], $14::timestamptz[], $15::timestamptz[],
-                     $16::timestamptz[], $17::timestamptz[], $18::bigint[], $19::jsonb[])
+SELECT DISTINCT ON (build_id)
+       build_id, organization, environment, module_type, module_name, action, status,
+       reason, exit_code, runner_id, queue_position, seq, requested_by, submitted_at,
+       started_at, finished_at, updated_at, stream_seq, variables
+  FROM events
+ ORDER BY build_id, seq DESC
 ON CONFLICT (build_id) DO UPDATE SET
     status = EXCLUDED.status, reason = EXCLUDED.reason, exit_code = EXCLUDED.exit_code,
     runner_id = EXCLUDED.runner_id, queue_position = EXCLUDED.queue_position,
@@ -73,14 +105,14 @@ ON CONFLICT (build_id) DO UPDATE SET
     variables = coalesce(EXCLUDED.variables, jobs.variables)
 WHERE jobs.seq < EXCLUDED.seq
 """
-# A batch may hold the same event twice (a redelivery): DO NOTHING skips the second.
-_INSERT_EVENTS = """
-INSERT INTO job_events (event_id, build_id, seq, status, at, reason, runner_id, exit_code,
-                        queue_position, stream_seq, payload)
-SELECT * FROM unnest($1::text[], $2::bigint[], $3::int[], $4::text[], $5::timestamptz[],
-                     $6::text[], $7::text[], $8::int[], $9::int[], $10::bigint[],
-                     $11::text[]::jsonb[])
-ON CONFLICT (event_id) DO NOTHING
+# Only the first event of a job carries its variables. When it was not the one that went
+# into the job row (a later event was stored first, or is newer in the same batch), the
+# variables come from the stored event, after the upsert above.
+_FILL_VARIABLES = """
+UPDATE jobs SET variables = e.payload->'variables'
+  FROM job_events e
+ WHERE jobs.build_id = ANY($1::bigint[]) AND jobs.variables IS NULL
+   AND e.build_id = jobs.build_id AND e.payload ? 'variables'
 """
 _INSERT_CHUNKS = """
 INSERT INTO job_log_chunks (build_id, "offset", size, data, eof)
@@ -97,7 +129,11 @@ ON CONFLICT (consumer) DO UPDATE SET watermark = greatest(ingest_progress.waterm
 """
 
 
-@dataclass
+# Separates the payloads of a batch on their way to Postgres (see _STORE_EVENTS).
+RS = b"\x1e"
+
+
+@dataclass(slots=True)
 class Decoded:
     stream_seq: int
     subject: str
@@ -112,43 +148,38 @@ def _error_text(text: str) -> str:
     return text[:2000].replace("\x00", "\\u0000")
 
 
-def _decode(msg: Msg, schema: str, check: Callable[[Msg, dict[str, Any]], str | None]) -> Decoded:
-    seq = stream_seq(msg)
+Check = Callable[[str, dict[str, Any]], "str | None"]
+
+
+def _decode(msg: Delivery, schema: str, check: Check) -> Decoded:
+    seq = reply_stream_seq(msg.reply)
+    if RS in msg.data:
+        # Not JSON (a raw control character); refused here too, as it would cut the batch.
+        return Decoded(seq, msg.subject, None, "a raw RS (0x1E) byte: not JSON", msg.data)
     try:
         body = schemas.decode(schema, msg.data)
     except schemas.SchemaError as exc:
         return Decoded(seq, msg.subject, None, _error_text(str(exc)), msg.data)
-    problem = check(msg, body)
+    problem = check(msg.subject, body)
     if problem:
         return Decoded(seq, msg.subject, None, _error_text(problem), msg.data)
     return Decoded(seq, msg.subject, body, None, msg.data)
 
 
-def _event_matches_subject(msg: Msg, body: dict[str, Any]) -> str | None:
-    tokens = msg.subject.split(".")
-    expected = [body["organization"], body["environment"], str(body["build_id"])]
-    if tokens[-3:] != expected:
-        return f"subject {msg.subject} does not match the event's organization/environment/build"
+def _event_matches_subject(subject: str, body: dict[str, Any]) -> str | None:
+    # The schema keeps dots out of organization and environment, so the suffix is exactly
+    # the last three tokens (cheaper than splitting the subject).
+    if not subject.endswith(f".{body['organization']}.{body['environment']}.{body['build_id']}"):
+        return f"subject {subject} does not match the event's organization/environment/build"
     if body["event_id"] != f"{body['build_id']}-{body['seq']}":
         return "event_id is not <build_id>-<seq>"
     return None
 
 
-def _chunk_matches_subject(msg: Msg, body: dict[str, Any]) -> str | None:
-    if msg.subject.rsplit(".", 1)[-1] != str(body["build_id"]):
-        return f"subject {msg.subject} does not match build_id {body['build_id']}"
+def _chunk_matches_subject(subject: str, body: dict[str, Any]) -> str | None:
+    if subject.rsplit(".", 1)[-1] != str(body["build_id"]):
+        return f"subject {subject} does not match build_id {body['build_id']}"
     return None
-
-
-def _t(value: str | None) -> Any:
-    return parse_time(value) if value else None
-
-
-_FILL_VARIABLES = """
-UPDATE jobs SET variables = v.variables
-  FROM unnest($1::bigint[], $2::jsonb[]) AS v (build_id, variables)
- WHERE jobs.build_id = v.build_id AND jobs.variables IS NULL
-"""
 
 
 def columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
@@ -156,72 +187,6 @@ def columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
     if not rows:
         return [[] for _ in range(width)]
     return [list(column) for column in zip(*rows, strict=True)]
-
-
-def event_rows(
-    events: Sequence[Decoded],
-) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-    """(job upserts collapsed to the highest seq per build, event inserts, variables fills).
-
-    Only the first event of a job carries its variables; collapsing must not lose them,
-    and a first event that arrives after later ones (a redelivery) still fills them in.
-    """
-    newest: dict[int, Decoded] = {}
-    variables: dict[int, dict[str, str]] = {}
-    inserts = []
-    for d in events:
-        assert d.body is not None
-        e = d.body
-        inserts.append(
-            (
-                e["event_id"],
-                e["build_id"],
-                e["seq"],
-                e["status"],
-                _t(e["updated_at"]),
-                e["reason"],
-                e["runner_id"],
-                e["exit_code"],
-                e["queue_position"],
-                d.stream_seq,
-                # The payload as received (validated JSON): cheaper to send as text than
-                # to encode the parsed event again.
-                d.raw.decode(),
-            )
-        )
-        if e.get("variables") is not None:
-            variables[e["build_id"]] = e["variables"]
-        held = newest.get(e["build_id"])
-        if held is None or held.body is None or held.body["seq"] < e["seq"]:
-            newest[e["build_id"]] = d
-    upserts = []
-    for d in newest.values():
-        assert d.body is not None
-        e = d.body
-        upserts.append(
-            (
-                e["build_id"],
-                e["organization"],
-                e["environment"],
-                e["module_type"],
-                e["module_name"],
-                e["action"],
-                e["status"],
-                e["reason"],
-                e["exit_code"],
-                e["runner_id"],
-                e["queue_position"],
-                e["seq"],
-                e["requested_by"],
-                _t(e["submitted_at"]),
-                _t(e["started_at"]),
-                _t(e["finished_at"]),
-                _t(e["updated_at"]),
-                d.stream_seq,
-                variables.get(e["build_id"]),
-            )
-        )
-    return upserts, inserts, list(variables.items())
 
 
 class Ingestor:
@@ -240,27 +205,38 @@ class Ingestor:
         self.consumer = f"ingest-{kind}-{ctx.gateway_id}"
         self.progress = Contiguity()
         self._stopping = asyncio.Event()
+        # Which consumer (recreated by each _subscribe) delivered a batch: its ack goes only
+        # to that one (an ack-all to a newer consumer of the same name could cover
+        # messages that consumer handed over and are not stored yet).
+        self._generation = 0
 
-    async def _subscribe(self, fresh: bool) -> Puller:
-        if fresh:
-            # Start over just after the stored watermark. Messages a killed predecessor
-            # fetched but never acked would otherwise come back only after ack_wait,
-            # holding the watermark back that long; re-reading a few is harmless.
-            with contextlib.suppress(NotFoundError):
-                await self.ctx.js.delete_consumer(self.stream, self.consumer)
+    async def _subscribe(self) -> Puller:
+        # Always start over just after the stored watermark, with a new consumer: messages
+        # a killed predecessor (or a Puller given up after a NATS error) was handed but
+        # never stored would otherwise come back only after ack_wait, holding the
+        # watermark back that long, and with acks covering everything up to a sequence
+        # (below) they must never be left pending behind stored ones. Re-reading a few
+        # is harmless.
+        self._generation += 1
+        with contextlib.suppress(NotFoundError):
+            await self.ctx.js.delete_consumer(self.stream, self.consumer)
         config = ConsumerConfig(
             durable_name=self.consumer,
             filter_subject=self.subject,
-            ack_policy=AckPolicy.EXPLICIT,
+            # One ack per batch, for its highest stream sequence, covers the whole batch:
+            # one publish here and one ack for NATS to process instead of a thousand
+            # (about 5 us of CPU per event between the gateway and nats-server). Safe
+            # because every message up to that sequence that this consumer handed over
+            # is stored by then: first deliveries come in stream order, batches are
+            # stored in order, a batch is retried until stored (never skipped), and a
+            # batch is acked only to the consumer that delivered it (`_generation`).
+            ack_policy=AckPolicy.ALL,
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
             opt_start_seq=self.progress.watermark + 1,
             ack_wait=30,
             max_ack_pending=MAX_ACK_PENDING,
         )
-        try:
-            await self.ctx.js.consumer_info(self.stream, self.consumer)
-        except NotFoundError:
-            await self.ctx.js.add_consumer(self.stream, config)
+        await self.ctx.js.add_consumer(self.stream, config)
         puller = Puller(self.ctx.nc, self.stream, self.consumer)
         await puller.start()
         return puller
@@ -282,14 +258,14 @@ class Ingestor:
         previous one is being stored (stores stay one at a time, in order)."""
         await self._load_progress()
         puller: Puller | None = None
-        fresh = True
+        generation = 0
         storing: asyncio.Task[None] | None = None
         try:
             while not self._stopping.is_set():
                 try:
                     if puller is None:
-                        puller = await self._subscribe(fresh)
-                        fresh = False
+                        puller = await self._subscribe()
+                        generation = self._generation
                     msgs = await puller.fetch(BATCH, timeout=0.5)
                 except asyncio.CancelledError:
                     raise
@@ -307,7 +283,7 @@ class Ingestor:
                 decoded = [_decode(m, self.schema, self.check) for m in msgs]
                 if storing is not None:
                     await storing
-                storing = asyncio.create_task(self._store_batch(msgs, decoded))
+                storing = asyncio.create_task(self._store_batch(msgs, decoded, generation))
         finally:
             if storing is not None:
                 # Let a batch in hand finish its transaction and acks.
@@ -317,18 +293,35 @@ class Ingestor:
             if puller is not None:
                 await puller.stop()
 
-    async def _store_batch(self, msgs: list[Msg], decoded: list[Decoded]) -> None:
-        try:
-            await self._store_until_done(msgs, decoded)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            # A bug must not end ingestion: the batch stays unacked, comes back after
-            # ack_wait, and everything else goes on.
-            log.exception("ingest batch failed", extra={"kind": self.kind})
-            await asyncio.sleep(1)
+    async def _reply(self, msg: Delivery, payload: bytes) -> None:
+        await self.ctx.nc.publish(msg.reply, payload)
 
-    async def _store_until_done(self, msgs: list[Msg], decoded: list[Decoded]) -> None:
+    async def _store_batch(
+        self, msgs: list[Delivery], decoded: list[Decoded], generation: int
+    ) -> None:
+        delay = 1.0
+        while True:
+            try:
+                await self._store_until_done(msgs, decoded, generation)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A bug must not end ingestion, nor may the batch be skipped: a later
+                # batch's ack would cover it. It is tried again (loudly) until stored or
+                # the gateway stops; unacked, it is then read again at the next start.
+                log.exception("ingest batch failed; retrying", extra={"kind": self.kind})
+                if self._stopping.is_set():
+                    return
+                for m in msgs:
+                    with contextlib.suppress(Exception):
+                        await self._reply(m, IN_PROGRESS)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    async def _store_until_done(
+        self, msgs: list[Delivery], decoded: list[Decoded], generation: int
+    ) -> None:
         delay = 0.2
         while True:
             try:
@@ -344,18 +337,25 @@ class Ingestor:
                 log.warning("ingest store failed; retrying", extra={"error": repr(exc)})
                 for m in msgs:
                     with contextlib.suppress(Exception):
-                        await m.in_progress()
+                        await self._reply(m, IN_PROGRESS)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-        # Committed: now, and only now, the acks (and the terms of what was rejected).
+        # Committed: now, and only now, the terms of what was rejected and the ack of the
+        # batch (its highest stream sequence: the consumer acks everything up to it).
         rejected = 0
-        for m, d in zip(msgs, decoded, strict=True):
-            with contextlib.suppress(Exception):
-                if d.error is None:
-                    await m.ack()
-                else:
+        if generation == self._generation:
+            for m, d in zip(msgs, decoded, strict=True):
+                if d.error is not None:
                     rejected += 1
-                    await m.term()
+                    with contextlib.suppress(Exception):
+                        await self._reply(m, TERM)
+            top = max(zip(decoded, msgs, strict=True), key=lambda pair: pair[0].stream_seq)[1]
+            with contextlib.suppress(Exception):
+                await self._reply(top, ACK)
+        else:
+            # Its consumer was replaced meanwhile; the new one reads it again from the
+            # watermark (storing it again is harmless).
+            rejected = sum(1 for d in decoded if d.error is not None)
         if rejected:
             for d in decoded:
                 if d.error is not None:
@@ -395,11 +395,13 @@ class Ingestor:
             mark = progress.skip_to(info.state.first_seq)
         async with self.ctx.pool.acquire() as conn, conn.transaction():
             if self.kind == "events" and good:
-                upserts, inserts, fills = event_rows(good)
-                await conn.execute(_INSERT_EVENTS, *columns(inserts, 11))
-                await conn.execute(_UPSERT_JOBS, *columns(upserts, 19))
-                if fills:
-                    await conn.execute(_FILL_VARIABLES, *columns(fills, 2))
+                payloads = RS.join([d.raw for d in good])
+                await conn.execute(_STORE_EVENTS, [d.stream_seq for d in good], payloads)
+                with_variables = [
+                    d.body["build_id"] for d in good if d.body is not None and "variables" in d.body
+                ]
+                if with_variables:
+                    await conn.execute(_FILL_VARIABLES, with_variables)
             elif good:
                 rows = []
                 for d in good:

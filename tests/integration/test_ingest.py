@@ -3,11 +3,13 @@ never moving a job backwards; malformed messages recorded and skipped; the water
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from typing import Any
 
 import asyncpg
 import httpx
+import pytest
 
 from services.common import codec
 from services.common.config import Settings
@@ -140,6 +142,101 @@ async def test_malformed_messages_are_recorded_and_later_ones_stored(settings: S
     )
     assert await fetchval(settings, "SELECT status FROM jobs WHERE build_id = 2") == "IN-PROGRESS"
     assert await fetchval(settings, "SELECT count(*) FROM job_events") == 1
+
+
+async def test_values_postgres_cannot_hold_are_rejected_alone(settings: Settings) -> None:
+    """The schema checks a time's shape, not its calendar, and no integer bounds: such an
+    event is valid JSON-Schema-wise but not storable. It is rejected (recorded, counted)
+    without holding back the events around it, in the same batch or after."""
+    subject = settings.subjects.event("acme", "stg", 5)
+    unstorable = [
+        job_event(5, 2, "WORKING", updated_at="2026-13-45T07:00:00.123Z"),
+        job_event(5, 3, "WORKING", exit_code=2**63),
+        job_event(5, 4, "WORKING", requested_by="nul \x00 inside"),
+    ]
+    async with publisher(settings) as pub:
+        # All published before the gateway starts: one batch holds good and bad together.
+        await pub.event(job_event(5, 1))
+        for event in unstorable:
+            await pub.js.publish(subject, codec.dumps(event))
+        await pub.event(job_event(5, 5, "SUCCESS"))
+        last = await pub.last_seq()
+        async with serve_gateway(settings):
+
+            async def stored() -> bool:
+                mark = await fetchval(
+                    settings, "SELECT max(watermark) FROM ingest_progress WHERE kind = 'events'"
+                )
+                return bool(mark == last)
+
+            await eventually(stored, timeout=15)
+    assert await fetchval(settings, "SELECT count(*) FROM rejected_messages") == 3
+    errors = await fetchval(
+        settings, "SELECT string_agg(error, ' | ' ORDER BY stream_seq) FROM rejected_messages"
+    )
+    assert errors.count("not storable") == 3
+    assert await fetchval(settings, "SELECT count(*) FROM job_events") == 2
+    assert await fetchval(settings, "SELECT seq FROM jobs WHERE build_id = 5") == 5
+
+
+async def test_variables_come_from_the_first_event_whenever_it_arrives(settings: Settings) -> None:
+    variables = {"REGION": "eu", "TOKEN": "***"}
+    async with publisher(settings) as pub, serve_gateway(settings) as gw:
+        await pub.event(job_event(6, 2, "WORKING"))
+        await pub.event(job_event(7, 1, variables=variables))
+        await pub.event(job_event(7, 2, "WORKING"))
+        last = await pub.last_seq()
+
+        async def stored(last: int) -> bool:
+            mark = await fetchval(
+                settings, "SELECT max(watermark) FROM ingest_progress WHERE kind = 'events'"
+            )
+            return bool(mark == last)
+
+        await eventually(lambda: stored(last), timeout=15)
+        # Job 6's first event comes late, after its second is stored.
+        await pub.event(job_event(6, 1, variables=variables))
+        await eventually(lambda: stored(last + 1), timeout=15)
+        async with httpx.AsyncClient(base_url=gw.url, headers=auth_headers(settings)) as client:
+            six = (await client.get("/api/jobs/6")).json()
+            seven = (await client.get("/api/jobs/7")).json()
+    assert six["seq"] == 2 and six["status"] == "WORKING" and six["variables"] == variables
+    assert seven["seq"] == 2 and seven["variables"] == variables
+
+
+async def test_a_batch_that_fails_is_stored_before_later_ones_are_acked(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One ack covers everything up to a batch's highest sequence, so a batch that fails
+    (here: a bug, once) must be tried again, not skipped for the next one: the next one's
+    ack would cover it and it would never come back."""
+    original = Ingestor._store
+    failed = asyncio.Event()
+
+    async def fails_once(self: Ingestor, batch: list[Decoded]) -> None:
+        if self.kind == "events" and not failed.is_set():
+            failed.set()
+            raise RuntimeError("a bug, once")
+        await original(self, batch)
+
+    monkeypatch.setattr(Ingestor, "_store", fails_once)
+    async with publisher(settings) as pub:
+        for build_id in range(1, 4):
+            await pub.event(job_event(build_id, 1))
+        async with serve_gateway(settings):
+            await asyncio.wait_for(failed.wait(), 15)
+            for build_id in range(4, 7):
+                await pub.event(job_event(build_id, 1))
+            last = await pub.last_seq()
+
+            async def stored() -> bool:
+                mark = await fetchval(
+                    settings, "SELECT max(watermark) FROM ingest_progress WHERE kind = 'events'"
+                )
+                return bool(mark == last)
+
+            await eventually(stored, timeout=20)
+    assert await fetchval(settings, "SELECT count(*) FROM job_events") == 6
 
 
 def decoded(stream_seq: int, build_id: int) -> Decoded:

@@ -101,7 +101,9 @@ async def test_stored_job_is_built_from_its_highest_seq_whatever_the_delivery(
 ) -> None:
     lives, batches = case
     pool = ingestor.ctx.pool
-    await pool.execute("TRUNCATE jobs, job_events, ingest_progress")
+    # In the order the webhook filler (running in this gateway) takes them: the other
+    # order could deadlock with it.
+    await pool.execute("TRUNCATE ingest_progress, job_events, jobs")
     ingestor.progress = Contiguity()
     stream_seq = 0
     for batch in batches:

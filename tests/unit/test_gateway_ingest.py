@@ -1,14 +1,18 @@
-"""Ingestion's pure part: a batch of events as rows, jobs collapsed to the newest seq."""
+"""Ingestion's pure part: a delivery checked against its schema and subject, and what the
+Puller reads from nats-py's raw deliveries (stream sequence, status messages)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from services.common import codec
-from services.gateway.ingest import Decoded, event_rows
-from services.gateway.pull import stream_seq
+from services.gateway.ingest import _chunk_matches_subject, _decode, _event_matches_subject
+from services.gateway.pull import Delivery, reply_stream_seq, status_of, stream_seq
 
 AT = "2026-11-24T07:00:00.123Z"
+REPLY = "$JS.ACK.XOOGIFY_EVENTS.ingest-events-gw.1.{seq}.12.1732431600000000000.3"
 
 
 def event(build_id: int, seq: int, status: str = "WORKING") -> dict[str, Any]:
@@ -34,42 +38,42 @@ def event(build_id: int, seq: int, status: str = "WORKING") -> dict[str, Any]:
     }
 
 
-def decoded(stream_seq: int, body: dict[str, Any]) -> Decoded:
-    return Decoded(stream_seq, "xoogify.events.acme.stg.1", body, None, codec.dumps(body))
+def delivery(body: Any, subject: str = "xoogify.events.acme.stg.1", seq: int = 7) -> Delivery:
+    data = body if isinstance(body, bytes) else codec.dumps(body)
+    return Delivery(subject, REPLY.format(seq=seq), data)
 
 
-def test_one_job_row_per_build_with_its_highest_seq() -> None:
-    batch = [
-        decoded(10, event(1, 1, "IN-PROGRESS")),
-        decoded(11, event(1, 3, "SUCCESS")),
-        decoded(12, event(1, 2, "WORKING")),  # late: must not win
-        decoded(13, event(2, 1, "IN-PROGRESS")),
-    ]
-    upserts, inserts, _ = event_rows(batch)
-    assert [i[0] for i in inserts] == ["1-1", "1-3", "1-2", "2-1"]
-    # The stored payload is the message as received.
-    assert [codec.loads(i[10]) for i in inserts] == [d.body for d in batch]
-    by_build = {u[0]: u for u in upserts}
-    assert set(by_build) == {1, 2}
-    assert by_build[1][6] == "SUCCESS" and by_build[1][11] == 3 and by_build[1][17] == 11
-    assert by_build[2][11] == 1
+def test_a_valid_event_is_kept_as_received() -> None:
+    d = _decode(delivery(event(1, 2)), "job_event", _event_matches_subject)
+    assert d.error is None and d.body == event(1, 2)
+    assert d.stream_seq == 7 and d.raw == codec.dumps(event(1, 2))
 
 
-def test_variables_only_when_the_event_carries_them() -> None:
-    with_vars = event(1, 1) | {"variables": {"A": "1"}}
-    (u1,), _, fills1 = event_rows([decoded(1, with_vars)])
-    (u2,), _, fills2 = event_rows([decoded(2, event(2, 1))])
-    assert u1[18] == {"A": "1"} and u2[18] is None
-    assert fills1 == [(1, {"A": "1"})] and fills2 == []
+@pytest.mark.parametrize(
+    ("data", "subject", "error"),
+    [
+        (b"{not json", "xoogify.events.acme.stg.1", "not valid JSON"),
+        ({"build_id": 1}, "xoogify.events.acme.stg.1", "organization"),
+        (event(1, 2), "xoogify.events.acme.stg.2", "does not match"),
+        (event(1, 2), "xoogify.events.other.stg.1", "does not match"),
+        (event(1, 2) | {"event_id": "1-3"}, "xoogify.events.acme.stg.1", "event_id"),
+        # The separator of payloads on their way to Postgres: never in valid JSON.
+        (codec.dumps(event(1, 2)) + b"\x1e", "xoogify.events.acme.stg.1", "RS"),
+    ],
+)
+def test_a_bad_event_is_an_error_that_names_the_problem(
+    data: Any, subject: str, error: str
+) -> None:
+    d = _decode(delivery(data, subject), "job_event", _event_matches_subject)
+    assert d.body is None and d.error is not None and error in d.error
+    assert d.stream_seq == 7  # recorded with its place in the stream
 
 
-def test_collapsing_keeps_the_variables_of_the_first_event() -> None:
-    first = event(1, 1, "IN-PROGRESS") | {"variables": {"A": "1", "S": "***"}}
-    (upsert,), _, fills = event_rows(
-        [decoded(1, first), decoded(2, event(1, 2)), decoded(3, event(1, 3, "SUCCESS"))]
-    )
-    assert upsert[11] == 3 and upsert[18] == {"A": "1", "S": "***"}
-    assert fills == [(1, {"A": "1", "S": "***"})]
+def test_a_chunk_must_be_on_its_builds_subject() -> None:
+    chunk = {"build_id": 4, "offset": 0, "data": "x", "eof": False}
+    good = _decode(delivery(chunk, "xoogify.logs.4"), "log_chunk", _chunk_matches_subject)
+    bad = _decode(delivery(chunk, "xoogify.logs.5"), "log_chunk", _chunk_matches_subject)
+    assert good.error is None and bad.error is not None and "does not match" in bad.error
 
 
 def test_stream_seq_from_both_reply_subject_forms() -> None:
@@ -80,5 +84,28 @@ def test_stream_seq_from_both_reply_subject_forms() -> None:
 
     v1 = "$JS.ACK.XOOGIFY_EVENTS.ingest-events-gw.1.4711.12.1732431600000000000.3"
     v2 = "$JS.ACK.hub.ACCHASH.XOOGIFY_EVENTS.ingest-events-gw.2.4712.13.1732431600000000000.0.tok"
-    assert stream_seq(msg(v1)) == 4711
-    assert stream_seq(msg(v2)) == 4712
+    assert reply_stream_seq(v1) == stream_seq(msg(v1)) == 4711
+    assert reply_stream_seq(v2) == stream_seq(msg(v2)) == 4712
+    with pytest.raises(ValueError):
+        reply_stream_seq("_INBOX.abc")
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        (None, None),
+        (b"NATS/1.0\r\nNats-Msg-Id: 1-1\r\n\r\n", None),
+        (b"NATS/1.0 404 No Messages\r\n\r\n", ("404", "No Messages")),
+        (
+            b"NATS/1.0 408 Request Timeout\r\nNats-Pending-Messages: 1\r\n\r\n",
+            ("408", "Request Timeout"),
+        ),
+        (b"NATS/1.0 409 Consumer Deleted\r\n\r\n", ("409", "Consumer Deleted")),
+        (b"NATS/1.0 100 Idle Heartbeat\r\n\r\n", ("100", "Idle Heartbeat")),
+        (b"NATS/1.0 503\r\n\r\n", ("503", "")),
+    ],
+)
+def test_status_messages_are_told_from_deliveries(
+    headers: bytes | None, expected: tuple[str, str] | None
+) -> None:
+    assert status_of(headers) == expected
