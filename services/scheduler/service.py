@@ -32,7 +32,7 @@ from services.scheduler.effects import Effect, PublishEvent
 from services.scheduler.leader import Lease, NotLeader
 from services.scheduler.machine import Limits, Machine
 from services.scheduler.metrics import ADMITTED, CLAIMS, LEADER, TAKEOVERS
-from services.scheduler.outbox import Outbox
+from services.scheduler.outbox import Outbox, Saved
 from services.scheduler.runners import RegistryView, read_registry
 from services.scheduler.store import JobStore
 
@@ -163,10 +163,12 @@ class Scheduler:
         return how many were done. Call with the lock held."""
         return (await self._perform_all([effects]))[0]
 
-    async def _perform_all(self, batches: list[list[Effect]]) -> list[int]:
+    async def _perform_all(
+        self, batches: list[list[Effect]], saved: list[Saved | None] | None = None
+    ) -> list[int]:
         """`_perform` for the effect lists of several inputs, independent ones concurrently
         (`Outbox.perform_all`); how many effects of each list were done."""
-        results = await self.outbox.perform_all(batches, self.machine)
+        results = await self.outbox.perform_all(batches, self.machine, saved)
         done: list[int] = []
         logged = False
         for result in results:
@@ -288,7 +290,8 @@ class Scheduler:
             if ok:
                 if admitted.get(build_id):
                     ADMITTED.inc()
-                    log.info("job admitted", extra={"build_id": build_id})
+                    # Per job, so debug: the job's IN-PROGRESS event says it too.
+                    log.debug("job admitted", extra={"build_id": build_id})
                 await msg.ack()
             else:
                 await msg.nak(delay=1)
@@ -344,27 +347,52 @@ class Scheduler:
                 self._reject(msg, exc)
         if not requests:
             return
+        answered: set[int] = set()
+
+        def answer_when_saved(index: int, reply: dict[str, Any]) -> Saved:
+            async def saved() -> None:
+                # The grant is stored (compare-and-set won): answer now, while its WORKING
+                # event is in flight. The runner may start at once; that event still
+                # reaches the stream before any later one of the job (its report waits for
+                # this lock), and if it fails the state is reloaded and `load` publishes
+                # it again from the record before the next input is decided.
+                answered.add(index)
+                await self._answer(*requests[index], reply)
+
+            return saved
+
         async with self.lock:
             if not await self._ready():
                 return  # no answer: the runners nak their messages and ask again
             now = self.clock()
             decided = [self.machine.claim(request, now) for _, request in requests]
-            done = await self._perform_all([effects for _, effects in decided])
+            saved: list[Saved | None] = [
+                answer_when_saved(i, reply) if reply["granted"] and effects else None
+                for i, (reply, effects) in enumerate(decided)
+            ]
+            done = await self._perform_all([effects for _, effects in decided], saved)
         failed = any(d < len(effects) for d, (_, effects) in zip(done, decided, strict=True))
-        for (msg, request), (reply, effects), performed in zip(
-            requests, decided, done, strict=True
+        for index, ((msg, request), (reply, effects)) in enumerate(
+            zip(requests, decided, strict=True)
         ):
-            if reply["granted"] and effects and performed == 0:
-                # The assignment never reached KV: the runner must not start, and must not
-                # drop the message either (a refusal would), so it hears nothing and asks
-                # again.
+            if index in answered or effects:
+                # Answered once its grant was stored; or the assignment never reached KV:
+                # the runner must not start, and must not drop the message either (a
+                # refusal would), so it hears nothing and asks again.
                 continue
-            if failed and not effects:
+            if failed:
                 # Decided on a memory that was ahead of KV (another claim of the batch
                 # failed): a refusal might be wrong. Unanswered, it is asked again.
                 continue
-            CLAIMS.labels(result="granted" if reply["granted"] else "refused").inc()
-            log.info(
+            await self._answer(msg, request, reply)
+
+    async def _answer(self, msg: Msg, request: dict[str, Any], reply: dict[str, Any]) -> None:
+        CLAIMS.labels(result="granted" if reply["granted"] else "refused").inc()
+        if not reply["granted"] or log.isEnabledFor(logging.DEBUG):
+            # A grant is the job's WORKING event (runner_id, started_at) already: per job,
+            # at debug. A refusal is the unusual case worth a line.
+            log.log(
+                logging.DEBUG if reply["granted"] else logging.INFO,
                 "claim",
                 extra={
                     "build_id": request["build_id"],
@@ -373,7 +401,11 @@ class Scheduler:
                     "reason": reply.get("reason"),
                 },
             )
+        try:
             await msg.respond(codec.dumps(reply))
+        except Exception:
+            # Unanswered, the runner asks again and gets the same answer.
+            log.warning("claim answer failed", exc_info=True)
 
     async def _on_cancel(self, msg: Msg) -> None:
         try:
