@@ -94,6 +94,7 @@ class Outbox:
         # checked before every effect, so a deposed leader stops writing at once.
         self.fence = fence
         self._consumers: set[tuple[str, str]] = set()
+        self._event_counters: dict[str, Any] = {}
 
     async def perform_all(
         self,
@@ -191,7 +192,7 @@ class Outbox:
                     headers={"Nats-Msg-Id": payload["event_id"]},
                 )
                 if not ack.duplicate:
-                    EVENTS.labels(effect.status).inc()
+                    self._event_counter(effect.status).inc()
             case Dispatch(arch, kind, build_id, msg_id, payload):
                 await self.ensure_dispatch_consumer(arch, kind)
                 ack = await self.js.publish(
@@ -204,6 +205,13 @@ class Outbox:
             case SendCancel(build_id, reason):
                 body = {"build_id": build_id, "reason": reason, "requested_by": None}
                 await self.nc.publish(s.cancel(build_id), codec.dumps(body))
+
+    def _event_counter(self, status: str) -> Any:
+        """EVENTS' child for a status (`labels` looks it up under a lock each time)."""
+        counter = self._event_counters.get(status)
+        if counter is None:
+            counter = self._event_counters[status] = EVENTS.labels(status)
+        return counter
 
     async def _last_event_id(self, subject: str) -> str | None:
         try:

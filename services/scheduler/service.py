@@ -18,16 +18,18 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig
-from nats.js.errors import NotFoundError
+from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.errors import BadRequestError, NotFoundError
 
 from services.common import bus, codec, schemas
 from services.common.config import Settings
 from services.common.metrics import reject, serve_metrics, stream_seq_of
+
+# The gateway's reader of durable pull consumers; it would sit better in services/common.
+from services.gateway.pull import Puller, stream_seq
 from services.scheduler.effects import Effect, PublishEvent
 from services.scheduler.leader import Lease, NotLeader
 from services.scheduler.machine import Limits, Machine
@@ -48,6 +50,8 @@ FETCH_TIMEOUT_S = 1.0
 # Submissions (or reports) handled as one batch: decided together, effects in one round.
 FETCH_BATCH = 64
 STOP_DEADLINE_S = 8.0
+GRANTED = CLAIMS.labels(result="granted")
+REFUSED = CLAIMS.labels(result="refused")
 # Submissions and reports a leader fetched but never acked (it died) come back to the next
 # leader after this; handling one takes milliseconds.
 INPUT_ACK_WAIT_S = 10.0
@@ -77,7 +81,8 @@ class Scheduler:
         self.lock = asyncio.Lock()
         self.stopping = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
-        self._pulls: list[Any] = []
+        # The input pullers by consumer name (`_puller`).
+        self._pulls: dict[str, Puller] = {}
         self._subs: list[Any] = []
         self._needs_reload = False
         self.registry_view = RegistryView(3 * settings.heartbeat_s, settings.subjects)
@@ -92,20 +97,11 @@ class Scheduler:
         self.machine.runners = await read_registry(self.runners_kv, self.registry_view.bad_entry)
         async with self.lock:
             await self._reload()
-        # (pull_subscribe fills the config in: one each.)
-        submit = await self.js.pull_subscribe(
-            s.submit,
-            durable=SUBMIT_CONSUMER,
-            stream=s.submit_stream,
-            config=ConsumerConfig(ack_wait=INPUT_ACK_WAIT_S),
-        )
-        reports = await self.js.pull_subscribe(
-            s.reports_all,
-            durable=REPORTS_CONSUMER,
-            stream=s.reports_stream,
-            config=ConsumerConfig(ack_wait=INPUT_ACK_WAIT_S),
-        )
-        self._pulls = [submit, reports]
+        submit = (s.submit_stream, SUBMIT_CONSUMER, s.submit)
+        reports = (s.reports_stream, REPORTS_CONSUMER, s.reports_all)
+        self._pulls = {}
+        for spec in (submit, reports):
+            await self._puller(*spec)
         self._claims = asyncio.Queue()
         self._subs = [
             await self.nc.subscribe(s.claim, cb=self._on_claim),
@@ -140,12 +136,11 @@ class Scheduler:
             # Whoever held it has finished performing its effects. Next time we lead, the
             # state is read from KV again: another leader may have changed it.
             self._needs_reload = True
-        # A pull subscription may hold a late reply to its last fetch that nobody will
-        # read; draining would wait for it forever. Unacked messages come back anyway.
-        for sub in self._pulls:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-        self._pulls = []
+        # A pull request may still be open on the server; nobody will read its late
+        # deliveries. Unacked messages come back to whoever leads next anyway.
+        for puller in self._pulls.values():
+            await puller.stop()
+        self._pulls = {}
 
     async def stop(self) -> None:
         """Stop taking work, let the in-flight input finish its writes, drain NATS."""
@@ -239,16 +234,52 @@ class Scheduler:
         subjects = self.settings.subjects
         reject("scheduler", subjects, msg.subject, error, stream_seq=stream_seq_of(msg))
 
-    async def _pull_loop(self, sub: Any, handle: Callable[[list[Msg]], Any]) -> None:
+    async def _puller(self, stream: str, durable: str, subject: str) -> Puller:
+        """A started `Puller` on an input's durable consumer, created if missing (an
+        existing one keeps its settings); kept in `_pulls` for `stand_down` to stop."""
+        try:
+            await self.js.consumer_info(stream, durable)
+        except NotFoundError:
+            config = ConsumerConfig(
+                name=durable,
+                durable_name=durable,
+                filter_subject=subject,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=INPUT_ACK_WAIT_S,
+            )
+            try:
+                await self.js.add_consumer(stream, config)
+            except BadRequestError:
+                await self.js.consumer_info(stream, durable)  # made meanwhile: fine
+        puller = Puller(self.nc, stream, durable)
+        await puller.start()
+        self._pulls[durable] = puller
+        return puller
+
+    async def _pull_loop(
+        self, spec: tuple[str, str, str], handle: Callable[[list[Msg]], Any]
+    ) -> None:
+        """Inputs in batches. `Puller`, not nats-py's `fetch`: that awaits each message of
+        a batch with its own task and timeout, and sends a new pull request per batch, so
+        inputs arriving while one batch is handled waited for it; a `Puller`'s request stays
+        open on the server (up to FETCH_BATCH deliveries, FETCH_TIMEOUT_S), and what it
+        delivers meanwhile is the next batch."""
+        puller: Puller | None = self._pulls[spec[1]]
         while not self.stopping.is_set():
             try:
-                msgs = await sub.fetch(batch=FETCH_BATCH, timeout=FETCH_TIMEOUT_S)
-            except (nats.errors.TimeoutError, TimeoutError):
-                continue
+                if puller is None:
+                    puller = await self._puller(*spec)
+                msgs = await puller.fetch(FETCH_BATCH, FETCH_TIMEOUT_S)
             except Exception:
-                # NATS is away for a moment; the durable consumer keeps our place.
+                # NATS is away for a moment, or the consumer is gone: the durable consumer
+                # keeps our place (or is made again), the inbox is subscribed afresh.
                 log.warning("fetch failed", exc_info=True)
+                if puller is not None:
+                    await puller.stop()
+                puller = None
                 await asyncio.sleep(FETCH_TIMEOUT_S)
+                continue
+            if not msgs:
                 continue
             try:
                 await handle(msgs)
@@ -264,7 +295,7 @@ class Scheduler:
         once its own effects are done, naked (to come back) otherwise."""
         valid: list[tuple[Msg, int, dict[str, Any]]] = []
         for msg in msgs:
-            build_id = int(msg.metadata.sequence.stream)
+            build_id = stream_seq(msg)
             try:
                 message = schemas.decode("submit_message", msg.data)
             except schemas.SchemaError as exc:
@@ -387,7 +418,7 @@ class Scheduler:
             await self._answer(msg, request, reply)
 
     async def _answer(self, msg: Msg, request: dict[str, Any], reply: dict[str, Any]) -> None:
-        CLAIMS.labels(result="granted" if reply["granted"] else "refused").inc()
+        (GRANTED if reply["granted"] else REFUSED).inc()
         if not reply["granted"] or log.isEnabledFor(logging.DEBUG):
             # A grant is the job's WORKING event (runner_id, started_at) already: per job,
             # at debug. A refusal is the unusual case worth a line.
