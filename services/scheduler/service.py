@@ -28,9 +28,10 @@ from services.common import bus, codec, schemas
 from services.common.config import Settings
 from services.common.metrics import reject, serve_metrics, stream_seq_of
 
-# The gateway's reader of durable pull consumers; it would sit better in services/common.
-from services.gateway.pull import Puller, stream_seq
+# The gateway's cheap build ID of a delivery; it would sit better in services/common.
+from services.gateway.pull import stream_seq
 from services.scheduler.effects import Effect, PublishEvent
+from services.scheduler.inputs import Inputs
 from services.scheduler.leader import Lease, NotLeader
 from services.scheduler.machine import Limits, Machine
 from services.scheduler.metrics import ADMITTED, CLAIMS, LEADER, TAKEOVERS
@@ -81,8 +82,8 @@ class Scheduler:
         self.lock = asyncio.Lock()
         self.stopping = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
-        # The input pullers by consumer name (`_puller`).
-        self._pulls: dict[str, Puller] = {}
+        # The input readers by consumer name (`_puller`).
+        self._pulls: dict[str, Inputs] = {}
         self._subs: list[Any] = []
         self._needs_reload = False
         self.registry_view = RegistryView(3 * settings.heartbeat_s, settings.subjects)
@@ -234,8 +235,8 @@ class Scheduler:
         subjects = self.settings.subjects
         reject("scheduler", subjects, msg.subject, error, stream_seq=stream_seq_of(msg))
 
-    async def _puller(self, stream: str, durable: str, subject: str) -> Puller:
-        """A started `Puller` on an input's durable consumer, created if missing (an
+    async def _puller(self, stream: str, durable: str, subject: str) -> Inputs:
+        """A started `Inputs` on an input's durable consumer, created if missing (an
         existing one keeps its settings); kept in `_pulls` for `stand_down` to stop."""
         try:
             await self.js.consumer_info(stream, durable)
@@ -251,7 +252,7 @@ class Scheduler:
                 await self.js.add_consumer(stream, config)
             except BadRequestError:
                 await self.js.consumer_info(stream, durable)  # made meanwhile: fine
-        puller = Puller(self.nc, stream, durable)
+        puller = Inputs(self.nc, stream, durable, FETCH_BATCH, FETCH_TIMEOUT_S)
         await puller.start()
         self._pulls[durable] = puller
         return puller
@@ -259,17 +260,13 @@ class Scheduler:
     async def _pull_loop(
         self, spec: tuple[str, str, str], handle: Callable[[list[Msg]], Any]
     ) -> None:
-        """Inputs in batches. `Puller`, not nats-py's `fetch`: that awaits each message of
-        a batch with its own task and timeout, and sends a new pull request per batch, so
-        inputs arriving while one batch is handled waited for it; a `Puller`'s request stays
-        open on the server (up to FETCH_BATCH deliveries, FETCH_TIMEOUT_S), and what it
-        delivers meanwhile is the next batch."""
-        puller: Puller | None = self._pulls[spec[1]]
+        """Inputs in batches, from `inputs.Inputs` (why not nats-py's `fetch`: there)."""
+        puller: Inputs | None = self._pulls[spec[1]]
         while not self.stopping.is_set():
             try:
                 if puller is None:
                     puller = await self._puller(*spec)
-                msgs = await puller.fetch(FETCH_BATCH, FETCH_TIMEOUT_S)
+                msgs = await puller.fetch(FETCH_TIMEOUT_S)
             except Exception:
                 # NATS is away for a moment, or the consumer is gone: the durable consumer
                 # keeps our place (or is made again), the inbox is subscribed afresh.
