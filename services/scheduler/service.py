@@ -36,7 +36,7 @@ from services.scheduler.leader import Lease, NotLeader
 from services.scheduler.machine import Limits, Machine
 from services.scheduler.metrics import ADMITTED, CLAIMS, LEADER, TAKEOVERS
 from services.scheduler.outbox import Outbox, Saved
-from services.scheduler.runners import RegistryView, read_registry
+from services.scheduler.runners import RegistryView, RunnerInfo, read_registry
 from services.scheduler.store import JobStore
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class Scheduler:
         self.clock = clock
         self.limits = Limits.from_settings(settings)
         self.machine = Machine(self.limits)
-        self.store = JobStore(sched_kv, settings.subjects)
+        self.store = JobStore(sched_kv, js, settings.subjects)
         self.lease = lease
         self.outbox = Outbox(settings, nc, js, self.store, lease.check if lease else None)
         self.lock = asyncio.Lock()
@@ -95,7 +95,7 @@ class Scheduler:
         """Begin acting (as the leader): take over the stored state, then take inputs."""
         s = self.settings.subjects
         self.stopping = asyncio.Event()
-        self.machine.runners = await read_registry(self.runners_kv, self.registry_view.bad_entry)
+        self.machine.runners = await self._read_registry()
         async with self.lock:
             await self._reload()
         submit = (s.submit_stream, SUBMIT_CONSUMER, s.submit)
@@ -479,9 +479,13 @@ class Scheduler:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), SWEEP_S)
 
+    async def _read_registry(self) -> dict[str, RunnerInfo]:
+        bucket = self.settings.subjects.runners_bucket
+        return await read_registry(self.js, bucket, self.registry_view.bad_entry)
+
     async def sweep_registry(self) -> None:
         try:
-            read = await read_registry(self.runners_kv, self.registry_view.bad_entry)
+            read = await self._read_registry()
         except Exception:
             self.registry_view.failed()
             raise
