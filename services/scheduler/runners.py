@@ -46,7 +46,10 @@ def parse_registration(key: str, data: bytes) -> RunnerInfo:
 
 
 async def read_registry(
-    js: JetStreamContext, bucket: str, on_bad: Callable[[str, int, Exception], None] | None = None
+    js: JetStreamContext,
+    kv: Any,
+    bucket: str,
+    on_bad: Callable[[str, int, Exception], None] | None = None,
 ) -> dict[str, RunnerInfo]:
     """Every live key of the bucket with its latest value. Expired keys are simply absent
     (expiry may send no watch event), which is why the scheduler sweeps this. A malformed
@@ -54,9 +57,7 @@ async def read_registry(
     `kvread.latest`: a KV watcher may say it is done before it is, and a live runner left
     out is a job failed as runner-lost."""
     found: dict[str, RunnerInfo] = {}
-    for entry in await kvread.latest(js, bucket):
-        if entry.deleted or not entry.value:
-            continue
+    for entry in await kvread.latest(js, kv, bucket):
         try:
             found[entry.key] = parse_registration(entry.key, entry.value)
         except (schemas.SchemaError, ValueError) as exc:

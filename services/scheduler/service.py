@@ -481,7 +481,7 @@ class Scheduler:
 
     async def _read_registry(self) -> dict[str, RunnerInfo]:
         bucket = self.settings.subjects.runners_bucket
-        return await read_registry(self.js, bucket, self.registry_view.bad_entry)
+        return await read_registry(self.js, self.runners_kv, bucket, self.registry_view.bad_entry)
 
     async def sweep_registry(self) -> None:
         try:

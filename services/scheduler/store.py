@@ -36,9 +36,7 @@ class JobStore:
         self.revisions.clear()
         records: list[JobRecord] = []
         bucket = self.subjects.sched_bucket
-        for entry in await kvread.latest(self.js, bucket, "job.*"):
-            if entry.deleted or not entry.value:
-                continue
+        for entry in await kvread.latest(self.js, self.kv, bucket, "job.*"):
             try:
                 rec = JobRecord.from_value(codec.loads(entry.value))
             except (ValueError, KeyError, TypeError) as exc:
