@@ -103,9 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_service(service: Coroutine[Any, Any, None]) -> None:
-    """Run the gateway on uvloop when it is installed (a dependency, also of uvicorn's
-    standard extras): its event loop and socket I/O are native code. Not the runner: its
-    subprocesses start slower on uvloop (libuv forks) than on asyncio (vfork)."""
+    """Run the gateway and the scheduler on uvloop when it is installed (a dependency, also
+    of uvicorn's standard extras): its event loop and socket I/O are native code, where
+    nats-py's flusher otherwise spends a Python transport write per flush. Neither needs
+    the stdlib loop (no subprocesses, threads or loop-specific calls; signal handlers and
+    `asyncio.start_server` work on both). Not the runner: its subprocesses start slower on
+    uvloop (libuv forks) than on asyncio (vfork)."""
     try:
         import uvloop
     except ImportError:
@@ -138,7 +141,7 @@ def _command(args: argparse.Namespace, settings: Settings) -> int:
         from services.scheduler.service import run as run_scheduler
 
         logging_setup.setup("scheduler")
-        asyncio.run(run_scheduler(settings, args.metrics_port))
+        _run_service(run_scheduler(settings, args.metrics_port))
         return 0
     if command == "runner":
         from services.common import logging_setup

@@ -1,8 +1,9 @@
 """Which effect lists may be performed at the same time.
 
 A batch of inputs (the submissions of one fetch, say) gives one effect list per input.
-Each list is performed in its own order, as always. Two lists are independent when they
-touch neither the same job nor the same workspace queue of mutating jobs: then nothing
+Each list is performed in its own order (`outbox.Outbox.perform`). Two lists are
+independent when they touch neither the same job nor the same workspace queue of mutating
+jobs: then nothing
 `machine.load` relies on (a record saved before its event; a queue's dispatch after the
 record that freed it) links them, and they can go out concurrently. Lists that share a job
 or a workspace go into one lane and are performed one after the other, in input order.

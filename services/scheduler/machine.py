@@ -201,20 +201,21 @@ class Machine:
         no-runner clock of jobs waiting for one."""
         self.runners = dict(runners)
         effects: list[Effect] = []
-        for rec in sorted(self.jobs.values(), key=lambda r: r.build_id):
+        served: dict[tuple[str, str], bool] = {}
+        for rec in self._in_order():
             if rec.status == Status.WORKING and self._runner_lost(rec, now):
                 effects += self._change(
                     rec, now, status=Status.FAILURE, reason=Reason.RUNNER_LOST.value
                 )
             elif rec.dispatchable:
-                self._clock_no_runner(rec, now)
+                self._clock_no_runner(rec, now, served)
         return effects
 
     def tick(self, now: float) -> list[Effect]:
         """Timers: job timeouts, overdue stop reports, cancels to repeat, no-runner."""
         effects: list[Effect] = []
         limits = self.limits
-        for rec in sorted(self.jobs.values(), key=lambda r: r.build_id):
+        for rec in self._in_order():
             if rec.status == Status.WORKING:
                 started = rec.started or now
                 if rec.stop_reason is None:
@@ -247,6 +248,12 @@ class Machine:
         return [DeleteJob(b) for b in done]
 
     # --- rules ----------------------------------------------------------------------------
+    def _in_order(self) -> list[JobRecord]:
+        """The active jobs by build_id (their keys: no property call per comparison), as
+        a list, so a job that ends meanwhile may leave `jobs`."""
+        jobs = self.jobs
+        return [jobs[build_id] for build_id in sorted(jobs)]
+
     def _gone(self, build_id: int) -> str:
         known = build_id in self.finished or build_id <= self.admitted_max
         return "final" if known else "unknown"
@@ -275,8 +282,18 @@ class Machine:
         payload = rec.dispatch(self.limits.state_secret, self.limits.gateway_url)
         return [Dispatch(rec.arch, rec.kind, rec.build_id, rec.dispatch_msg_id, payload)]
 
-    def _clock_no_runner(self, rec: JobRecord, now: float) -> None:
-        if any(info.serves(rec.arch, rec.kind) for info in self.runners.values()):
+    def _clock_no_runner(
+        self, rec: JobRecord, now: float, served: dict[tuple[str, str], bool] | None = None
+    ) -> None:
+        """Start or stop the job's no-runner clock; `served` remembers, over one sweep of
+        the jobs, whether some runner serves an arch + kind."""
+        wanted = (rec.arch, rec.kind)
+        serving = None if served is None else served.get(wanted)
+        if serving is None:
+            serving = any(info.serves(*wanted) for info in self.runners.values())
+            if served is not None:
+                served[wanted] = serving
+        if serving:
             rec.no_runner_since = None
         elif rec.no_runner_since is None:
             rec.no_runner_since = now

@@ -8,9 +8,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from nats.js import JetStreamContext
+
 from services.common import schemas
 from services.common.metrics import reject
 from services.common.subjects import Subjects
+from services.scheduler import kvread
 from services.scheduler.jobs import epoch
 
 log = logging.getLogger(__name__)
@@ -43,29 +46,23 @@ def parse_registration(key: str, data: bytes) -> RunnerInfo:
 
 
 async def read_registry(
-    kv: Any, on_bad: Callable[[str, int, Exception], None] | None = None
+    js: JetStreamContext,
+    kv: Any,
+    bucket: str,
+    on_bad: Callable[[str, int, Exception], None] | None = None,
 ) -> dict[str, RunnerInfo]:
     """Every live key of the bucket with its latest value. Expired keys are simply absent
     (expiry may send no watch event), which is why the scheduler sweeps this. A malformed
-    value is left out and passed to `on_bad` (key, revision, error)."""
-    watcher = await kv.watchall(ignore_deletes=True)
+    value is left out and passed to `on_bad` (key, revision, error). Read with
+    `kvread.latest`: a KV watcher may say it is done before it is, and a live runner left
+    out is a job failed as runner-lost."""
     found: dict[str, RunnerInfo] = {}
-    try:
-        while True:
-            entry = await watcher.updates(timeout=5.0)
-            if entry is None:
-                break
-            if entry.operation is not None or not entry.value:
-                continue
-            try:
-                found[entry.key] = parse_registration(entry.key, entry.value)
-            except (schemas.SchemaError, ValueError) as exc:
-                if on_bad is not None:
-                    on_bad(entry.key, entry.revision, exc)
-            if not entry.delta:
-                break
-    finally:
-        await watcher.stop()
+    for entry in await kvread.latest(js, kv, bucket):
+        try:
+            found[entry.key] = parse_registration(entry.key, entry.value)
+        except (schemas.SchemaError, ValueError) as exc:
+            if on_bad is not None:
+                on_bad(entry.key, entry.revision, exc)
     return found
 
 

@@ -18,22 +18,25 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig
-from nats.js.errors import NotFoundError
+from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.errors import BadRequestError, NotFoundError
 
 from services.common import bus, codec, schemas
 from services.common.config import Settings
 from services.common.metrics import reject, serve_metrics, stream_seq_of
+
+# The gateway's cheap build ID of a delivery; it would sit better in services/common.
+from services.gateway.pull import stream_seq
 from services.scheduler.effects import Effect, PublishEvent
+from services.scheduler.inputs import Inputs
 from services.scheduler.leader import Lease, NotLeader
 from services.scheduler.machine import Limits, Machine
 from services.scheduler.metrics import ADMITTED, CLAIMS, LEADER, TAKEOVERS
-from services.scheduler.outbox import Outbox
-from services.scheduler.runners import RegistryView, read_registry
+from services.scheduler.outbox import Outbox, Saved
+from services.scheduler.runners import RegistryView, RunnerInfo, read_registry
 from services.scheduler.store import JobStore
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,8 @@ FETCH_TIMEOUT_S = 1.0
 # Submissions (or reports) handled as one batch: decided together, effects in one round.
 FETCH_BATCH = 64
 STOP_DEADLINE_S = 8.0
+GRANTED = CLAIMS.labels(result="granted")
+REFUSED = CLAIMS.labels(result="refused")
 # Submissions and reports a leader fetched but never acked (it died) come back to the next
 # leader after this; handling one takes milliseconds.
 INPUT_ACK_WAIT_S = 10.0
@@ -71,13 +76,14 @@ class Scheduler:
         self.clock = clock
         self.limits = Limits.from_settings(settings)
         self.machine = Machine(self.limits)
-        self.store = JobStore(sched_kv, settings.subjects)
+        self.store = JobStore(sched_kv, js, settings.subjects)
         self.lease = lease
         self.outbox = Outbox(settings, nc, js, self.store, lease.check if lease else None)
         self.lock = asyncio.Lock()
         self.stopping = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
-        self._pulls: list[Any] = []
+        # The input readers by consumer name (`_puller`).
+        self._pulls: dict[str, Inputs] = {}
         self._subs: list[Any] = []
         self._needs_reload = False
         self.registry_view = RegistryView(3 * settings.heartbeat_s, settings.subjects)
@@ -89,23 +95,14 @@ class Scheduler:
         """Begin acting (as the leader): take over the stored state, then take inputs."""
         s = self.settings.subjects
         self.stopping = asyncio.Event()
-        self.machine.runners = await read_registry(self.runners_kv, self.registry_view.bad_entry)
+        self.machine.runners = await self._read_registry()
         async with self.lock:
             await self._reload()
-        # (pull_subscribe fills the config in: one each.)
-        submit = await self.js.pull_subscribe(
-            s.submit,
-            durable=SUBMIT_CONSUMER,
-            stream=s.submit_stream,
-            config=ConsumerConfig(ack_wait=INPUT_ACK_WAIT_S),
-        )
-        reports = await self.js.pull_subscribe(
-            s.reports_all,
-            durable=REPORTS_CONSUMER,
-            stream=s.reports_stream,
-            config=ConsumerConfig(ack_wait=INPUT_ACK_WAIT_S),
-        )
-        self._pulls = [submit, reports]
+        submit = (s.submit_stream, SUBMIT_CONSUMER, s.submit)
+        reports = (s.reports_stream, REPORTS_CONSUMER, s.reports_all)
+        self._pulls = {}
+        for spec in (submit, reports):
+            await self._puller(*spec)
         self._claims = asyncio.Queue()
         self._subs = [
             await self.nc.subscribe(s.claim, cb=self._on_claim),
@@ -140,12 +137,11 @@ class Scheduler:
             # Whoever held it has finished performing its effects. Next time we lead, the
             # state is read from KV again: another leader may have changed it.
             self._needs_reload = True
-        # A pull subscription may hold a late reply to its last fetch that nobody will
-        # read; draining would wait for it forever. Unacked messages come back anyway.
-        for sub in self._pulls:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-        self._pulls = []
+        # A pull request may still be open on the server; nobody will read its late
+        # deliveries. Unacked messages come back to whoever leads next anyway.
+        for puller in self._pulls.values():
+            await puller.stop()
+        self._pulls = {}
 
     async def stop(self) -> None:
         """Stop taking work, let the in-flight input finish its writes, drain NATS."""
@@ -163,10 +159,12 @@ class Scheduler:
         return how many were done. Call with the lock held."""
         return (await self._perform_all([effects]))[0]
 
-    async def _perform_all(self, batches: list[list[Effect]]) -> list[int]:
+    async def _perform_all(
+        self, batches: list[list[Effect]], saved: list[Saved | None] | None = None
+    ) -> list[int]:
         """`_perform` for the effect lists of several inputs, independent ones concurrently
         (`Outbox.perform_all`); how many effects of each list were done."""
-        results = await self.outbox.perform_all(batches, self.machine)
+        results = await self.outbox.perform_all(batches, self.machine, saved)
         done: list[int] = []
         logged = False
         for result in results:
@@ -237,16 +235,48 @@ class Scheduler:
         subjects = self.settings.subjects
         reject("scheduler", subjects, msg.subject, error, stream_seq=stream_seq_of(msg))
 
-    async def _pull_loop(self, sub: Any, handle: Callable[[list[Msg]], Any]) -> None:
+    async def _puller(self, stream: str, durable: str, subject: str) -> Inputs:
+        """A started `Inputs` on an input's durable consumer, created if missing (an
+        existing one keeps its settings); kept in `_pulls` for `stand_down` to stop."""
+        try:
+            await self.js.consumer_info(stream, durable)
+        except NotFoundError:
+            config = ConsumerConfig(
+                name=durable,
+                durable_name=durable,
+                filter_subject=subject,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=INPUT_ACK_WAIT_S,
+            )
+            try:
+                await self.js.add_consumer(stream, config)
+            except BadRequestError:
+                await self.js.consumer_info(stream, durable)  # made meanwhile: fine
+        puller = Inputs(self.nc, stream, durable, FETCH_BATCH, FETCH_TIMEOUT_S)
+        await puller.start()
+        self._pulls[durable] = puller
+        return puller
+
+    async def _pull_loop(
+        self, spec: tuple[str, str, str], handle: Callable[[list[Msg]], Any]
+    ) -> None:
+        """Inputs in batches, from `inputs.Inputs` (why not nats-py's `fetch`: there)."""
+        puller: Inputs | None = self._pulls[spec[1]]
         while not self.stopping.is_set():
             try:
-                msgs = await sub.fetch(batch=FETCH_BATCH, timeout=FETCH_TIMEOUT_S)
-            except (nats.errors.TimeoutError, TimeoutError):
-                continue
+                if puller is None:
+                    puller = await self._puller(*spec)
+                msgs = await puller.fetch(FETCH_TIMEOUT_S)
             except Exception:
-                # NATS is away for a moment; the durable consumer keeps our place.
+                # NATS is away for a moment, or the consumer is gone: the durable consumer
+                # keeps our place (or is made again), the inbox is subscribed afresh.
                 log.warning("fetch failed", exc_info=True)
+                if puller is not None:
+                    await puller.stop()
+                puller = None
                 await asyncio.sleep(FETCH_TIMEOUT_S)
+                continue
+            if not msgs:
                 continue
             try:
                 await handle(msgs)
@@ -262,7 +292,7 @@ class Scheduler:
         once its own effects are done, naked (to come back) otherwise."""
         valid: list[tuple[Msg, int, dict[str, Any]]] = []
         for msg in msgs:
-            build_id = int(msg.metadata.sequence.stream)
+            build_id = stream_seq(msg)
             try:
                 message = schemas.decode("submit_message", msg.data)
             except schemas.SchemaError as exc:
@@ -288,7 +318,8 @@ class Scheduler:
             if ok:
                 if admitted.get(build_id):
                     ADMITTED.inc()
-                    log.info("job admitted", extra={"build_id": build_id})
+                    # Per job, so debug: the job's IN-PROGRESS event says it too.
+                    log.debug("job admitted", extra={"build_id": build_id})
                 await msg.ack()
             else:
                 await msg.nak(delay=1)
@@ -344,27 +375,52 @@ class Scheduler:
                 self._reject(msg, exc)
         if not requests:
             return
+        answered: set[int] = set()
+
+        def answer_when_saved(index: int, reply: dict[str, Any]) -> Saved:
+            async def saved() -> None:
+                # The grant is stored (compare-and-set won): answer now, while its WORKING
+                # event is in flight. The runner may start at once; that event still
+                # reaches the stream before any later one of the job (its report waits for
+                # this lock), and if it fails the state is reloaded and `load` publishes
+                # it again from the record before the next input is decided.
+                answered.add(index)
+                await self._answer(*requests[index], reply)
+
+            return saved
+
         async with self.lock:
             if not await self._ready():
                 return  # no answer: the runners nak their messages and ask again
             now = self.clock()
             decided = [self.machine.claim(request, now) for _, request in requests]
-            done = await self._perform_all([effects for _, effects in decided])
+            saved: list[Saved | None] = [
+                answer_when_saved(i, reply) if reply["granted"] and effects else None
+                for i, (reply, effects) in enumerate(decided)
+            ]
+            done = await self._perform_all([effects for _, effects in decided], saved)
         failed = any(d < len(effects) for d, (_, effects) in zip(done, decided, strict=True))
-        for (msg, request), (reply, effects), performed in zip(
-            requests, decided, done, strict=True
+        for index, ((msg, request), (reply, effects)) in enumerate(
+            zip(requests, decided, strict=True)
         ):
-            if reply["granted"] and effects and performed == 0:
-                # The assignment never reached KV: the runner must not start, and must not
-                # drop the message either (a refusal would), so it hears nothing and asks
-                # again.
+            if index in answered or effects:
+                # Answered once its grant was stored; or the assignment never reached KV:
+                # the runner must not start, and must not drop the message either (a
+                # refusal would), so it hears nothing and asks again.
                 continue
-            if failed and not effects:
+            if failed:
                 # Decided on a memory that was ahead of KV (another claim of the batch
                 # failed): a refusal might be wrong. Unanswered, it is asked again.
                 continue
-            CLAIMS.labels(result="granted" if reply["granted"] else "refused").inc()
-            log.info(
+            await self._answer(msg, request, reply)
+
+    async def _answer(self, msg: Msg, request: dict[str, Any], reply: dict[str, Any]) -> None:
+        (GRANTED if reply["granted"] else REFUSED).inc()
+        if not reply["granted"] or log.isEnabledFor(logging.DEBUG):
+            # A grant is the job's WORKING event (runner_id, started_at) already: per job,
+            # at debug. A refusal is the unusual case worth a line.
+            log.log(
+                logging.DEBUG if reply["granted"] else logging.INFO,
                 "claim",
                 extra={
                     "build_id": request["build_id"],
@@ -373,7 +429,11 @@ class Scheduler:
                     "reason": reply.get("reason"),
                 },
             )
+        try:
             await msg.respond(codec.dumps(reply))
+        except Exception:
+            # Unanswered, the runner asks again and gets the same answer.
+            log.warning("claim answer failed", exc_info=True)
 
     async def _on_cancel(self, msg: Msg) -> None:
         try:
@@ -419,9 +479,13 @@ class Scheduler:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), SWEEP_S)
 
+    async def _read_registry(self) -> dict[str, RunnerInfo]:
+        bucket = self.settings.subjects.runners_bucket
+        return await read_registry(self.js, self.runners_kv, bucket, self.registry_view.bad_entry)
+
     async def sweep_registry(self) -> None:
         try:
-            read = await read_registry(self.runners_kv, self.registry_view.bad_entry)
+            read = await self._read_registry()
         except Exception:
             self.registry_view.failed()
             raise

@@ -8,9 +8,12 @@ import contextlib
 import logging
 from typing import Any
 
+from nats.js import JetStreamContext
+
 from services.common import codec
 from services.common.metrics import reject
 from services.common.subjects import Subjects
+from services.scheduler import kvread
 from services.scheduler.jobs import JobRecord
 
 log = logging.getLogger(__name__)
@@ -21,39 +24,31 @@ def job_key(build_id: int) -> str:
 
 
 class JobStore:
-    def __init__(self, kv: Any, subjects: Subjects | None = None) -> None:
+    def __init__(self, kv: Any, js: JetStreamContext, subjects: Subjects | None = None) -> None:
         self.kv = kv
+        self.js = js
         self.subjects = subjects or Subjects()
         self.revisions: dict[int, int] = {}
 
     async def load(self) -> list[JobRecord]:
-        """Every stored job, with the revisions to compare against from now on."""
+        """Every stored job, with the revisions to compare against from now on. Read with
+        `kvread.latest`, not a KV watcher, which may say it is done before it is."""
         self.revisions.clear()
         records: list[JobRecord] = []
-        watcher = await self.kv.watch("job.*", ignore_deletes=True)
-        try:
-            while True:
-                entry = await watcher.updates(timeout=10.0)
-                if entry is None:
-                    break
-                if entry.operation is None and entry.value:
-                    try:
-                        rec = JobRecord.from_value(codec.loads(entry.value))
-                    except (ValueError, KeyError, TypeError) as exc:
-                        # Count, record, go on without it; and keep its revision, so the
-                        # job that gets this build ID overwrites the junk instead of
-                        # failing its create (and reloading) forever.
-                        bucket = self.subjects.sched_bucket
-                        reject("scheduler", self.subjects, bucket, repr(exc), key=entry.key)
-                        with contextlib.suppress(ValueError):
-                            self.revisions[int(entry.key.split(".", 1)[1])] = entry.revision
-                    else:
-                        records.append(rec)
-                        self.revisions[rec.build_id] = entry.revision
-                if not entry.delta:
-                    break
-        finally:
-            await watcher.stop()
+        bucket = self.subjects.sched_bucket
+        for entry in await kvread.latest(self.js, self.kv, bucket, "job.*"):
+            try:
+                rec = JobRecord.from_value(codec.loads(entry.value))
+            except (ValueError, KeyError, TypeError) as exc:
+                # Count, record, go on without it; and keep its revision, so the job that
+                # gets this build ID overwrites the junk instead of failing its create (and
+                # reloading) forever.
+                reject("scheduler", self.subjects, bucket, repr(exc), key=entry.key)
+                with contextlib.suppress(ValueError):
+                    self.revisions[int(entry.key.split(".", 1)[1])] = entry.revision
+            else:
+                records.append(rec)
+                self.revisions[rec.build_id] = entry.revision
         return records
 
     async def save(self, build_id: int, value: dict[str, Any]) -> None:
