@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from nats.js.errors import NoKeysError, NotFoundError
+from nats.js.errors import NotFoundError
 
-from services.common import codec, schemas
+from services.common import codec, kvread, schemas
 from services.common.timefmt import format_time, parse_time
 from services.gateway import db
 from services.gateway.context import GatewayContext
@@ -26,18 +26,24 @@ RETRY_S = 1.0
 
 
 async def _live(ctx: GatewayContext) -> dict[str, dict[str, Any]]:
+    bucket = ctx.settings.subjects.runners_bucket
     try:
-        kv = await ctx.js.key_value(ctx.settings.subjects.runners_bucket)
-        keys = await kv.keys()
-    except (NotFoundError, NoKeysError):
+        kv = await ctx.js.key_value(bucket)
+        # Not `kv.keys()`: nats-py's watcher can stop early while runners heartbeat, and
+        # leave a live runner out of the list (services/common/kvread.py).
+        entries = await kvread.latest(ctx.js, kv, bucket)
+    except NotFoundError:
         return {}
     live: dict[str, dict[str, Any]] = {}
-    for key in keys:
-        with contextlib.suppress(Exception):
-            entry = await kv.get(key)
-            if entry.value:
-                value = schemas.decode("runner_registration", entry.value)
-                live[value["runner_id"]] = value
+    for entry in entries:
+        try:
+            value = schemas.decode("runner_registration", entry.value)
+        except schemas.SchemaError as exc:
+            log.warning(
+                "bad runner registration skipped", extra={"key": entry.key, "error": str(exc)}
+            )
+            continue
+        live[value["runner_id"]] = value
     return live
 
 

@@ -10,10 +10,9 @@ from typing import Any
 
 from nats.js import JetStreamContext
 
-from services.common import codec
+from services.common import codec, kvread
 from services.common.metrics import reject
 from services.common.subjects import Subjects
-from services.scheduler import kvread
 from services.scheduler.jobs import JobRecord
 
 log = logging.getLogger(__name__)

@@ -12,9 +12,8 @@ import nats
 import pytest
 from nats.aio.client import Client
 
-from services.common import bus
+from services.common import bus, kvread
 from services.common.config import Settings
-from services.scheduler import kvread
 
 BUCKET = "kvread-test"
 
