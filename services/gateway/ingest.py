@@ -333,6 +333,8 @@ class Ingestor:
                 await self._store_one_by_one(decoded)
                 break
             except POSTGRES_AWAY as exc:
+                if self._stopping.is_set():
+                    return  # unacked: read again from the watermark at the next start
                 # Postgres is away: keep the batch (tell JetStream we are still on it).
                 log.warning("ingest store failed; retrying", extra={"error": repr(exc)})
                 for m in msgs:
