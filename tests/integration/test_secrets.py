@@ -32,7 +32,7 @@ from services.common.embedded import EmbeddedNats
 from services.common.terraform_tools import build_provider_mirror
 from services.gateway import state_at_rest
 from tests.stack import Stack
-from tests.support import WsRecorder, auth_headers, eventually
+from tests.support import WsRecorder, auth_headers, eventually, parses_as_json
 
 FINAL = {"SUCCESS", "FAILURE"}
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -268,7 +268,7 @@ async def test_sensitive_values_reach_the_runner_and_nothing_else(
     opened = []
     for row in rows:
         blob = bytes(row["data"])
-        assert row["key_id"] == cipher.current and not blob.lstrip().startswith(b"{")
+        assert row["key_id"] == cipher.current and not parses_as_json(blob)
         opened.append(state_at_rest.open_row(cipher, ("acme", "stg", "vault"), row["key_id"], blob))
     assert any(tf_secret.encode() in state for state in opened)  # what the encryption hides
 

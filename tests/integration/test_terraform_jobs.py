@@ -25,7 +25,7 @@ from services.common.crypto import StateCipher
 from services.common.terraform_tools import build_provider_mirror
 from services.gateway import state_at_rest
 from tests.stack import Stack
-from tests.support import auth_headers, eventually
+from tests.support import auth_headers, eventually, parses_as_json
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 FINAL = {"SUCCESS", "FAILURE"}
@@ -154,7 +154,7 @@ async def test_apply_plan_destroy_on_two_runners(tf_stack: Stack, terraform: str
     # Stored encrypted (docs/security.md): not JSON at rest, the state key opens it.
     cipher = StateCipher(stack.settings.state_key)
     for row in rows:
-        assert row["key_id"] == cipher.current and not bytes(row["data"]).startswith(b"{")
+        assert row["key_id"] == cipher.current and not parses_as_json(bytes(row["data"]))
 
     def opened(row: asyncpg.Record) -> Any:
         ws = ("acme", "stg", "network")
