@@ -15,6 +15,7 @@ from typing import Any
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 
@@ -67,6 +68,12 @@ class Worker:
         self._drain_why = ""
         self.jobs_run = 0
         self._subs: list[JetStreamContext.PullSubscription] = []
+        # The stop request of the job being claimed or run, by build_id: what a cancel
+        # message for it reaches. One subscription to every job's cancel subject, for the
+        # runner's life, rather than one per job (a subscription, its task and an
+        # unsubscribe per job); cancels are rare, those of other jobs are ignored.
+        self._stops: dict[int, StopRequest] = {}
+        self._cancel_sub: Subscription | None = None
 
     @property
     def stopping(self) -> bool:
@@ -100,7 +107,11 @@ class Worker:
             self._current.stop(Reason.CANCELLED, self._drain_why)
 
     async def subscribe(self) -> None:
-        """Bind to (creating if missing) the dispatch consumer of each kind."""
+        """Listen for cancels; bind to (creating if missing) the dispatch consumer of each
+        kind."""
+        self._cancel_sub = await self._nc.subscribe(
+            self._settings.subjects.cancel_all, cb=self._on_cancel
+        )
         self._subs = [
             await dispatch.subscribe(self._js, self._settings, self._registry.arch, kind)
             for kind in self._registry.kinds
@@ -135,6 +146,8 @@ class Worker:
             await puller.close()
             for sub in subs:
                 await _quietly(sub.unsubscribe(), "unsubscribe")
+            if self._cancel_sub is not None:
+                await _quietly(self._cancel_sub.unsubscribe(), "unsubscribe")
 
     async def _handle(self, msg: Msg) -> None:
         if self.stopping:
@@ -164,13 +177,10 @@ class Worker:
             return
 
         stop = StopRequest()
-        # Listen for a cancel before claiming, so one sent right after the grant is heard.
-        cancel_sub = await self._nc.subscribe(
-            self._settings.subjects.cancel(job.build_id), cb=self._cancel_handler(job, stop)
-        )
+        # Reachable by a cancel before claiming, so one sent right after the grant is heard
+        # (the subscription is in place since `subscribe`).
+        self._stops[job.build_id] = stop
         try:
-            # No flush needed: NATS handles one connection's commands in order, so the
-            # subscription is in place before the claim request reaches anyone.
             granted = await self._claim(job)
             while granted is None and not self.stopping:
                 # No answer (the scheduler restarting, NATS reconnecting, or the answer
@@ -198,24 +208,26 @@ class Worker:
                 self._granted.popitem(last=False)
             await self._run_claimed(job, stop)
         finally:
-            await _quietly(cancel_sub.unsubscribe(), "unsubscribe")
+            del self._stops[job.build_id]
 
-    def _cancel_handler(self, job: Job, stop: StopRequest) -> Any:
-        async def on_cancel(msg: Msg) -> None:
-            try:
-                request = schemas.decode("cancel_request", msg.data)
-            except SchemaError as exc:
-                reject("runner", self._settings.subjects, msg.subject, exc)
-                return
-            if request["build_id"] != job.build_id:
-                return
-            if request.get("reason") == "timeout":
-                stop.stop(Reason.TIMEOUT, "timeout reached (scheduler)")
-            else:
-                who = request.get("requested_by")
-                stop.stop(Reason.CANCELLED, f"cancelled by {who}" if who else "cancelled")
-
-        return on_cancel
+    async def _on_cancel(self, msg: Msg) -> None:
+        # Most cancels are for jobs of other runners: those are dropped before decoding.
+        token = msg.subject.rsplit(".", 1)[-1]
+        if not token.isdigit() or int(token) not in self._stops:
+            return
+        try:
+            request = schemas.decode("cancel_request", msg.data)
+        except SchemaError as exc:
+            reject("runner", self._settings.subjects, msg.subject, exc)
+            return
+        stop = self._stops.get(request["build_id"])
+        if stop is None or msg.subject != self._settings.subjects.cancel(request["build_id"]):
+            return
+        if request.get("reason") == "timeout":
+            stop.stop(Reason.TIMEOUT, "timeout reached (scheduler)")
+        else:
+            who = request.get("requested_by")
+            stop.stop(Reason.CANCELLED, f"cancelled by {who}" if who else "cancelled")
 
     async def _claim(self, job: Job) -> bool | None:
         """True granted, False refused, None when nobody answered."""
