@@ -11,6 +11,7 @@ import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import Any
 
 from nats.aio.client import Client
@@ -31,6 +32,7 @@ from services.runner.execution import execute
 from services.runner.job import Job, Outcome
 from services.runner.publish import publish_until_acked
 from services.runner.registry import Registry
+from services.runner.workdir import WorkDir
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +52,16 @@ class Worker:
         settings: Settings,
         registry: Registry,
         drain_timeout_s: float,
+        work_root: Path | None = None,
     ) -> None:
         self._nc = nc
         self._js = js
         self._settings = settings
         self._registry = registry
         self._drain_timeout_s = drain_timeout_s
+        self._work_root = work_root
+        # Work dirs being removed after their job (waited for before `run` returns).
+        self._removals: set[asyncio.Task[None]] = set()
         self.runner_id = registry.runner_id
         self._stopping = asyncio.Event()
         self._current: StopRequest | None = None
@@ -148,6 +154,8 @@ class Worker:
                 await _quietly(sub.unsubscribe(), "unsubscribe")
             if self._cancel_sub is not None:
                 await _quietly(self._cancel_sub.unsubscribe(), "unsubscribe")
+            if self._removals:
+                await asyncio.gather(*self._removals, return_exceptions=True)
 
     async def _handle(self, msg: Msg) -> None:
         if self.stopping:
@@ -180,6 +188,11 @@ class Worker:
         # Reachable by a cancel before claiming, so one sent right after the grant is heard
         # (the subscription is in place since `subscribe`).
         self._stops[job.build_id] = stop
+        # Copied while the claim is in flight (a worker thread); removed if the job does
+        # not run here.
+        workdir = WorkDir(
+            self._settings.modules_dir, job.module_name, job.build_id, self._work_root
+        )
         try:
             granted = await self._claim(job)
             while granted is None and not self.stopping:
@@ -206,9 +219,13 @@ class Worker:
             self._granted[(job.build_id, job.attempt)] = None
             while len(self._granted) > GRANTED_KEPT:
                 self._granted.popitem(last=False)
-            await self._run_claimed(job, stop)
+            await self._run_claimed(job, stop, workdir)
         finally:
             del self._stops[job.build_id]
+            # After the report: neither it nor the next job waits for the file system.
+            removal = asyncio.create_task(workdir.remove())
+            self._removals.add(removal)
+            removal.add_done_callback(self._removals.discard)
 
     async def _on_cancel(self, msg: Msg) -> None:
         # Most cancels are for jobs of other runners: those are dropped before decoding.
@@ -255,14 +272,14 @@ class Worker:
             log.info("claim refused", extra={"build_id": job.build_id, "why": answer.get("reason")})
         return bool(answer["granted"])
 
-    async def _run_claimed(self, job: Job, stop: StopRequest) -> None:
+    async def _run_claimed(self, job: Job, stop: StopRequest, workdir: WorkDir) -> None:
         self._current = stop
         if self._deadline_passed:  # the drain deadline passed while the claim was in flight
             stop.stop(Reason.CANCELLED, self._drain_why)
         self._registry.announce("busy", job.build_id)
         log.info("job started", extra={"build_id": job.build_id, "module_name": job.module_name})
         try:
-            outcome = await execute(self._js, self._settings, job, stop)
+            outcome = await execute(self._js, self._settings, job, stop, workdir)
         finally:
             self._current = None
         await self._report(job, outcome)
