@@ -73,7 +73,7 @@ async def _run(
         await logs.note(f"[xoogify] this runner has no executor for kind {job.kind!r}")
         return Outcome(reason=Reason.INVALID_MODULE)
     try:
-        path = await workdir.path()
+        path = workdir.path()
         commands = executor.prepare(job, path, settings, os.environ)
     except InvalidModule as exc:
         await logs.note(f"[xoogify] invalid module: {exc}")

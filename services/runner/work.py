@@ -188,8 +188,7 @@ class Worker:
         # Reachable by a cancel before claiming, so one sent right after the grant is heard
         # (the subscription is in place since `subscribe`).
         self._stops[job.build_id] = stop
-        # Copied while the claim is in flight (a worker thread); removed if the job does
-        # not run here.
+        # Made when the job starts (after the grant), removed after its report.
         workdir = WorkDir(
             self._settings.modules_dir, job.module_name, job.build_id, self._work_root
         )

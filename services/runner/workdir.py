@@ -1,11 +1,11 @@
-"""A job's work dir: a fresh copy of its module, made in a worker thread from the moment its
-dispatch message arrives, so the copy overlaps the claim's round trip instead of following
-it; removed in a worker thread after the report.
+"""A job's work dir: a fresh copy of its module, made once the job is granted and removed
+in a worker thread after the report (neither it nor the next job waits for that).
 
 Creating files is what costs here (on ext4, each mkdir or new file is 0.1-0.3 ms of
-kernel time): `XOOGIFY_WORK_DIR` puts the work dirs elsewhere, e.g. on a tmpfs, where
-that is 5 µs (mind the memory then: terraform providers are copied in too). Default: the
-system's temporary directory (`TMPDIR`, else /tmp).
+kernel time, measured on the bench machine): `XOOGIFY_WORK_DIR` puts the work dirs
+elsewhere, e.g. on a tmpfs, where that is 5 µs (mind the memory then: terraform
+providers are copied in too). Default: the system's temporary directory (`TMPDIR`, else
+/tmp).
 """
 
 from __future__ import annotations
@@ -41,20 +41,17 @@ def _create(source_dir: Path, module_name: str, build_id: int, root: Path | None
 
 class WorkDir:
     def __init__(self, modules_dir: Path, module_name: str, build_id: int, root: Path | None):
-        """Start making it (a worker thread): the copy of `module_name` of `modules_dir`."""
-        loop = asyncio.get_running_loop()
-        self._made = loop.run_in_executor(None, _create, modules_dir, module_name, build_id, root)
+        self._source = (modules_dir, module_name, build_id, root)
+        self._path: Path | None = None
 
-    async def path(self) -> Path:
-        """The dir, once made; raises what making it raised (InvalidModule: no such
-        module). Cancelling the caller leaves the making alone, for `remove`."""
-        return await asyncio.shield(self._made)
+    def path(self) -> Path:
+        """Made at the first call: the copy of the module (InvalidModule: no such module)."""
+        if self._path is None:
+            self._path = _create(*self._source)
+        return self._path
 
     async def remove(self) -> None:
-        """Wait until it is made, then delete it (in a worker thread); nothing if making it
-        failed."""
-        try:
-            path = await asyncio.shield(self._made)
-        except Exception:
-            return  # nothing was left behind (see _create)
-        await asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, path, True)
+        """Delete it (in a worker thread), if it was made."""
+        if self._path is not None:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, shutil.rmtree, self._path, True)

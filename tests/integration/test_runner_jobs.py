@@ -314,14 +314,14 @@ async def test_refused_claim_does_not_start_the_job(
     assert info.state.messages == 0
 
 
-async def test_work_dirs_are_made_in_the_work_root_and_removed_refused_or_run(
+async def test_work_dirs_are_made_in_the_work_root_and_removed_after_the_job(
     rsettings: Settings, sched: FakeScheduler, tmp_path: Path
 ) -> None:
     root = tmp_path / "work"
     root.mkdir()
     sched.refuse.add(21)
     async with running(rsettings, work_root=root):
-        # Refused: its copy (made while the claim was out) goes too.
+        # Refused: never started, so no work dir either.
         await sched.dispatch(21, "where")
         await sched.wait_for(lambda: any(c["build_id"] == 21 for c in sched.claims))
         await sched.dispatch(22, "where")

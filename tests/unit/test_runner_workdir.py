@@ -1,9 +1,8 @@
-"""A job's work dir: a copy of its module made in a worker thread (so it can overlap the
-claim), in `XOOGIFY_WORK_DIR` when set; removed whether the job ran or not."""
+"""A job's work dir: a copy of its module, in `XOOGIFY_WORK_DIR` when set, made when the
+job starts and removed after it (nothing when it was never made)."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
@@ -22,11 +21,18 @@ def modules(tmp_path: Path) -> Path:
     return tmp_path / "modules"
 
 
-async def test_a_fresh_copy_in_the_work_root_removed_after(modules: Path, tmp_path: Path) -> None:
-    root = tmp_path / "work"
-    root.mkdir()
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    path = tmp_path / "work"
+    path.mkdir()
+    return path
+
+
+async def test_a_fresh_copy_in_the_work_root_removed_after(modules: Path, root: Path) -> None:
     workdir = WorkDir(modules, "m", 12, root)
-    path = await workdir.path()
+    assert list(root.iterdir()) == []  # nothing made before the job starts
+    path = workdir.path()
+    assert workdir.path() == path
     assert path.parent == root and path.name.startswith("xoogify-12-")
     assert (path / "sub" / "run.sh").read_text() == "echo hi\n"
     (path / "out.txt").write_text("a job's own file")
@@ -35,27 +41,17 @@ async def test_a_fresh_copy_in_the_work_root_removed_after(modules: Path, tmp_pa
     assert list(root.iterdir()) == []
 
 
-async def test_a_missing_module_is_invalid_and_leaves_nothing(
-    modules: Path, tmp_path: Path
-) -> None:
-    root = tmp_path / "work"
-    root.mkdir()
+async def test_a_missing_module_is_invalid_and_leaves_nothing(modules: Path, root: Path) -> None:
     workdir = WorkDir(modules, "nope", 13, root)
     with pytest.raises(InvalidModule):
-        await workdir.path()
+        workdir.path()
     await workdir.remove()  # nothing to remove, no error
     assert list(root.iterdir()) == []
 
 
-async def test_removed_even_when_nobody_waited_for_it(modules: Path, tmp_path: Path) -> None:
-    """A refused claim, or the job's task cancelled while the copy was being made."""
-    root = tmp_path / "work"
-    root.mkdir()
-    workdir = WorkDir(modules, "m", 14, root)
-    waiter = asyncio.create_task(workdir.path())
-    await asyncio.sleep(0)  # the waiter is waiting
-    waiter.cancel()
-    await workdir.remove()
+async def test_never_made_nothing_to_remove(modules: Path, root: Path) -> None:
+    """A refused claim: the job never started."""
+    await WorkDir(modules, "m", 14, root).remove()
     assert list(root.iterdir()) == []
 
 
