@@ -188,7 +188,7 @@ class Worker:
         # Reachable by a cancel before claiming, so one sent right after the grant is heard
         # (the subscription is in place since `subscribe`).
         self._stops[job.build_id] = stop
-        # Made when the job starts (after the grant), removed after its report.
+        # Made when the job starts (after the grant), removed once it has ended.
         workdir = WorkDir(
             self._settings.modules_dir, job.module_name, job.build_id, self._work_root
         )
@@ -221,10 +221,6 @@ class Worker:
             await self._run_claimed(job, stop, workdir)
         finally:
             del self._stops[job.build_id]
-            # After the report: neither it nor the next job waits for the file system.
-            removal = asyncio.create_task(workdir.remove())
-            self._removals.add(removal)
-            removal.add_done_callback(self._removals.discard)
 
     async def _on_cancel(self, msg: Msg) -> None:
         # Most cancels are for jobs of other runners: those are dropped before decoding.
@@ -281,6 +277,11 @@ class Worker:
             outcome = await execute(self._js, self._settings, job, stop, workdir)
         finally:
             self._current = None
+            # In a worker thread while the report's round trip is awaited: neither the
+            # report nor the next job waits for the file system.
+            removal = asyncio.create_task(workdir.remove())
+            self._removals.add(removal)
+            removal.add_done_callback(self._removals.discard)
         await self._report(job, outcome)
         self.jobs_run += 1
         counters.JOBS.labels(result=counters.job_result(outcome.exit_code, outcome.reason)).inc()

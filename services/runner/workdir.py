@@ -1,5 +1,5 @@
 """A job's work dir: a fresh copy of its module, made once the job is granted and removed
-in a worker thread after the report (neither it nor the next job waits for that).
+in a worker thread once it has ended (neither the report nor the next job waits for that).
 
 Creating files is what costs here (on ext4, each mkdir or new file is 0.1-0.3 ms of
 kernel time, measured on the bench machine): `XOOGIFY_WORK_DIR` puts the work dirs
