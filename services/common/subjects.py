@@ -101,6 +101,10 @@ class Subjects:
         return f"{self.prefix}.cancel.{build_id}"
 
     @property
+    def cancel_all(self) -> str:
+        return f"{self.prefix}.cancel.*"
+
+    @property
     def control_cancel(self) -> str:
         """Gateway → scheduler: a user asked to cancel a job (request/reply)."""
         return f"{self.prefix}.control.cancel"

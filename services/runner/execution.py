@@ -1,6 +1,6 @@
-"""Running one claimed job: fresh work dir, executor commands in order, output to the log
+"""Running one claimed job: executor commands in order in its work dir, output to the log
 stream, and the stop paths (cancel, timeout, drain). Returns how it ended; the caller
-reports it."""
+reports it (and removes the work dir)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from nats.js import JetStreamContext
@@ -20,9 +18,10 @@ from services.common.status import Reason
 from services.runner import process
 from services.runner.control import StopRequest
 from services.runner.executors import EXECUTORS
-from services.runner.executors.base import Command, InvalidModule, copy_module, module_source
+from services.runner.executors.base import Command, InvalidModule
 from services.runner.job import Job, Outcome
 from services.runner.logstream import LogStream
+from services.runner.workdir import WorkDir
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +30,11 @@ READ_BYTES = 64 * 1024
 PUMP_DRAIN_S = 5.0
 
 
-async def execute(js: JetStreamContext, settings: Settings, job: Job, stop: StopRequest) -> Outcome:
-    """Run `job` to its end and return the outcome; the log's eof chunk is acked by then."""
+async def execute(
+    js: JetStreamContext, settings: Settings, job: Job, stop: StopRequest, workdir: WorkDir
+) -> Outcome:
+    """Run `job` in `workdir` to its end and return the outcome; the log's eof chunk is
+    acked by then."""
     sealed_error: str | None = None
     try:
         # Opened only now, so the clear values live in this process just for the run.
@@ -54,7 +56,7 @@ async def execute(js: JetStreamContext, settings: Settings, job: Job, stop: Stop
             outcome = Outcome(reason=Reason.INTERNAL)
         else:
             try:
-                outcome = await _run(settings, job, stop, logs)
+                outcome = await _run(settings, job, stop, logs, workdir)
             except Exception as exc:
                 log.exception("job failed inside the runner", extra={"build_id": job.build_id})
                 await logs.note(f"[xoogify] internal error in the runner: {exc!r}")
@@ -63,44 +65,36 @@ async def execute(js: JetStreamContext, settings: Settings, job: Job, stop: Stop
     return outcome
 
 
-async def _run(settings: Settings, job: Job, stop: StopRequest, logs: LogStream) -> Outcome:
+async def _run(
+    settings: Settings, job: Job, stop: StopRequest, logs: LogStream, workdir: WorkDir
+) -> Outcome:
     executor = EXECUTORS.get(job.kind)
     if executor is None:
         await logs.note(f"[xoogify] this runner has no executor for kind {job.kind!r}")
         return Outcome(reason=Reason.INVALID_MODULE)
-    workdir = Path(tempfile.mkdtemp(prefix=f"xoogify-{job.build_id}-"))
     try:
-        try:
-            copy_module(module_source(settings.modules_dir, job.module_name), workdir)
-            commands = executor.prepare(job, workdir, settings, os.environ)
-        except InvalidModule as exc:
-            await logs.note(f"[xoogify] invalid module: {exc}")
-            return Outcome(reason=Reason.INVALID_MODULE)
-        timer = asyncio.get_running_loop().call_later(
-            job.timeout_s, stop.stop, Reason.TIMEOUT, f"timeout of {job.timeout_s}s reached"
-        )
-        try:
-            for command in commands:
-                if stop.requested:
-                    # Stopped between two commands (or before the first): nothing to kill.
-                    await logs.note(f"[xoogify] {stop.why}: not starting {command.title!r}")
-                    return Outcome(reason=stop.reason)
-                exit_code, stopped = await _run_command(command, workdir, settings, stop, logs)
-                if stopped:
-                    return Outcome(reason=stop.reason)
-                if exit_code != 0:
-                    return Outcome(exit_code=exit_code)
-        finally:
-            timer.cancel()
-        return Outcome(exit_code=0)
+        path = workdir.path()
+        commands = executor.prepare(job, path, settings, os.environ)
+    except InvalidModule as exc:
+        await logs.note(f"[xoogify] invalid module: {exc}")
+        return Outcome(reason=Reason.INVALID_MODULE)
+    timer = asyncio.get_running_loop().call_later(
+        job.timeout_s, stop.stop, Reason.TIMEOUT, f"timeout of {job.timeout_s}s reached"
+    )
+    try:
+        for command in commands:
+            if stop.requested:
+                # Stopped between two commands (or before the first): nothing to kill.
+                await logs.note(f"[xoogify] {stop.why}: not starting {command.title!r}")
+                return Outcome(reason=stop.reason)
+            exit_code, stopped = await _run_command(command, path, settings, stop, logs)
+            if stopped:
+                return Outcome(reason=stop.reason)
+            if exit_code != 0:
+                return Outcome(exit_code=exit_code)
     finally:
-        _remove_later(workdir)
-
-
-def _remove_later(workdir: Path) -> None:
-    """Delete the work dir in a worker thread, not waited for: the report and the next job
-    need not wait for the file system (asyncio.run still waits for the thread at exit)."""
-    asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, workdir, True)
+        timer.cancel()
+    return Outcome(exit_code=0)
 
 
 async def _run_command(

@@ -2,8 +2,9 @@
 
 What goes into the chunks (decoding, masking, cap, offsets) is `LogPipe`; this adds the
 clock (a flush at least every 100 ms while there is output, or at once at 32 KiB) and the
-publishing. The last chunk has `eof: true` and is acked by JetStream before `close`
-returns, so the report that follows never overtakes the log.
+publishing. The clock starts with the first output: a job that prints nothing (most
+short ones) costs no timer task. The last chunk has `eof: true` and is acked by JetStream
+before `close` returns, so the report that follows never overtakes the log.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ class LogStream:
         self._ticker: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> LogStream:
-        self._ticker = asyncio.create_task(self._tick())
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -69,6 +69,8 @@ class LogStream:
         self._pipe.write(data)
         if self._pipe.full:
             await self.flush()
+        elif self._ticker is None and not self._pipe.ended:
+            self._ticker = asyncio.create_task(self._tick())
 
     async def note(self, line: str) -> None:
         """A line from the runner itself, published at once (see `LogPipe.note`)."""

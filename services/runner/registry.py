@@ -3,11 +3,17 @@
 The bucket's TTL is about three heartbeats, so a runner that stops refreshing its key is
 gone from the registry soon after; a runner that cannot refresh it for that long stops
 (loudly) rather than run jobs the scheduler already counts as lost.
+
+Busy/idle changes are written at most every `ANNOUNCE_SPACING_S`, the latest state
+winning: a runner doing hundreds of short jobs a second would otherwise put its key twice
+per job (a JetStream round trip each, CPU in the runner and in NATS) for a state that
+people and the API read and no decision depends on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
@@ -31,6 +37,8 @@ def _version() -> str:
 
 
 VERSION = _version()
+
+ANNOUNCE_SPACING_S = 0.25
 
 
 class HeartbeatLost(RuntimeError):
@@ -59,9 +67,12 @@ class Registry:
         self.current_build_id: int | None = None
         self._last_ok = time.monotonic()
         self._lock = asyncio.Lock()
-        # The background write of `announce`, and whether a change came after it began.
+        # When the last put began (any put: heartbeat, state change), and the (state,
+        # current_build_id) the last successful one wrote.
+        self._last_put = -float("inf")
+        self._written: tuple[str, int | None] | None = None
+        # The background write of `announce`.
         self._writer: asyncio.Task[None] | None = None
-        self._dirty = False
         # Called (with why) when this runner was silent longer than the TTL and still runs:
         # its key expired meanwhile, so the scheduler counts its job lost.
         self.on_written_off: Callable[[str], None] | None = None
@@ -84,8 +95,11 @@ class Registry:
     async def put(self) -> None:
         # One writer at a time, so a state change never lands before an older heartbeat.
         async with self._lock:
+            self._last_put = time.monotonic()
+            written = (self.state, self.current_build_id)
             await self._kv.put(self.runner_id, codec.dumps(self.value()))
             self._last_ok = time.monotonic()
+            self._written = written
 
     def _change(self, state: str, build_id: int | None) -> None:
         if self.state == "draining" and state != "draining":
@@ -100,31 +114,35 @@ class Registry:
     def announce(self, state: str, build_id: int | None) -> None:
         """`set_state` without waiting for the write: a job does not wait for the registry
         (busy/idle are for people and the API; no decision reads them). The write runs in
-        the background; changes made while one is in flight go out in the next, so the key
-        ends up with the latest state."""
+        the background, `ANNOUNCE_SPACING_S` after the previous put at the earliest, with
+        the state of that moment: changes in between are never written (a job shorter
+        than the spacing may never show as busy), and the key ends up with the latest."""
         self._change(state, build_id)
-        if self._writer is not None and not self._writer.done():
-            self._dirty = True
-            return
-        self._writer = asyncio.create_task(self._write_latest())
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_latest())
 
     async def _write_latest(self) -> None:
-        self._dirty = True
-        while self._dirty:
-            self._dirty = False
-            await self._put_quietly()
+        while (self.state, self.current_build_id) != self._written:
+            wait = self._last_put + ANNOUNCE_SPACING_S - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue  # another put (a heartbeat) may have written it meanwhile
+            if not await self._put_quietly():
+                return  # NATS away: the next heartbeat writes the state
 
     async def settle(self) -> None:
         """Until the announced state is written (or its write failed)."""
         if self._writer is not None:
             await self._writer
 
-    async def _put_quietly(self) -> None:
+    async def _put_quietly(self) -> bool:
         try:
             await self.put()
         except (NatsError, TimeoutError) as exc:
             # The heartbeat retries; it alone decides when the runner is lost.
             log.warning("registry update failed", extra={"error": repr(exc)})
+            return False
+        return True
 
     async def heartbeat_forever(self) -> None:
         """Refresh the key every `heartbeat_s`; raise HeartbeatLost when it has not been
@@ -158,7 +176,13 @@ class Registry:
             )
 
     async def remove(self) -> None:
-        await self.settle()  # a late write would bring the key back
+        if self._writer is not None:
+            # Its state is moot now; a put of it already sent still lands before the
+            # delete (one connection, one stream, in order), a later one would bring the
+            # key back.
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
         try:
             await self._kv.delete(self.runner_id)
         except (NatsError, TimeoutError) as exc:

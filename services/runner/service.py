@@ -12,6 +12,7 @@ import secrets
 import signal
 import sys
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
@@ -23,6 +24,7 @@ from services.common.metrics import serve_metrics
 from services.runner.executors import EXECUTORS
 from services.runner.registry import HeartbeatLost, Registry
 from services.runner.work import Worker
+from services.runner.workdir import work_root_from_env
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +101,7 @@ class RunnerService:
         labels: dict[str, str] | None = None,
         runner_id: str | None = None,
         drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
+        work_root: Path | None = None,
     ) -> None:
         self.settings = settings
         self.arch = normalize_arch(arch)
@@ -106,6 +109,7 @@ class RunnerService:
         self.labels = dict(labels or {})
         self.runner_id = runner_id or default_runner_id()
         self.drain_timeout_s = drain_timeout_s
+        self.work_root = work_root
         self.ready = asyncio.Event()
         self._stop_requested = False
         self._worker: Worker | None = None
@@ -155,7 +159,7 @@ class RunnerService:
             kv, self.runner_id, self.arch, self.kinds, self.labels, settings.heartbeat_s
         )
         await registry.put()
-        worker = Worker(nc, js, settings, registry, self.drain_timeout_s)
+        worker = Worker(nc, js, settings, registry, self.drain_timeout_s, self.work_root)
         await worker.subscribe()
         registry.on_written_off = worker.written_off
         self._registry, self._worker = registry, worker
@@ -210,8 +214,19 @@ async def run(
     # The private key is in this process's environment and memory; the jobs it runs are
     # processes of the same user.
     forbid_inspection()
+    work_root = work_root_from_env()
+    if work_root is not None:
+        # Now rather than at the first job: a runner that cannot make work dirs would fail
+        # every job it takes.
+        work_root.mkdir(parents=True, exist_ok=True)
     service = RunnerService(
-        settings, arch, kinds, labels, runner_id, drain_timeout_s=drain_timeout_from_env()
+        settings,
+        arch,
+        kinds,
+        labels,
+        runner_id,
+        drain_timeout_s=drain_timeout_from_env(),
+        work_root=work_root,
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -11,10 +11,12 @@ import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import Any
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 
@@ -30,6 +32,7 @@ from services.runner.execution import execute
 from services.runner.job import Job, Outcome
 from services.runner.publish import publish_until_acked
 from services.runner.registry import Registry
+from services.runner.workdir import WorkDir
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +52,16 @@ class Worker:
         settings: Settings,
         registry: Registry,
         drain_timeout_s: float,
+        work_root: Path | None = None,
     ) -> None:
         self._nc = nc
         self._js = js
         self._settings = settings
         self._registry = registry
         self._drain_timeout_s = drain_timeout_s
+        self._work_root = work_root
+        # Work dirs being removed after their job (waited for before `run` returns).
+        self._removals: set[asyncio.Task[None]] = set()
         self.runner_id = registry.runner_id
         self._stopping = asyncio.Event()
         self._current: StopRequest | None = None
@@ -67,6 +74,12 @@ class Worker:
         self._drain_why = ""
         self.jobs_run = 0
         self._subs: list[JetStreamContext.PullSubscription] = []
+        # The stop request of the job being claimed or run, by build_id: what a cancel
+        # message for it reaches. One subscription to every job's cancel subject, for the
+        # runner's life, rather than one per job (a subscription, its task and an
+        # unsubscribe per job); cancels are rare, those of other jobs are ignored.
+        self._stops: dict[int, StopRequest] = {}
+        self._cancel_sub: Subscription | None = None
 
     @property
     def stopping(self) -> bool:
@@ -100,7 +113,11 @@ class Worker:
             self._current.stop(Reason.CANCELLED, self._drain_why)
 
     async def subscribe(self) -> None:
-        """Bind to (creating if missing) the dispatch consumer of each kind."""
+        """Listen for cancels; bind to (creating if missing) the dispatch consumer of each
+        kind."""
+        self._cancel_sub = await self._nc.subscribe(
+            self._settings.subjects.cancel_all, cb=self._on_cancel
+        )
         self._subs = [
             await dispatch.subscribe(self._js, self._settings, self._registry.arch, kind)
             for kind in self._registry.kinds
@@ -135,6 +152,10 @@ class Worker:
             await puller.close()
             for sub in subs:
                 await _quietly(sub.unsubscribe(), "unsubscribe")
+            if self._cancel_sub is not None:
+                await _quietly(self._cancel_sub.unsubscribe(), "unsubscribe")
+            if self._removals:
+                await asyncio.gather(*self._removals, return_exceptions=True)
 
     async def _handle(self, msg: Msg) -> None:
         if self.stopping:
@@ -164,13 +185,14 @@ class Worker:
             return
 
         stop = StopRequest()
-        # Listen for a cancel before claiming, so one sent right after the grant is heard.
-        cancel_sub = await self._nc.subscribe(
-            self._settings.subjects.cancel(job.build_id), cb=self._cancel_handler(job, stop)
+        # Reachable by a cancel before claiming, so one sent right after the grant is heard
+        # (the subscription is in place since `subscribe`).
+        self._stops[job.build_id] = stop
+        # Made when the job starts (after the grant), removed once it has ended.
+        workdir = WorkDir(
+            self._settings.modules_dir, job.module_name, job.build_id, self._work_root
         )
         try:
-            # No flush needed: NATS handles one connection's commands in order, so the
-            # subscription is in place before the claim request reaches anyone.
             granted = await self._claim(job)
             while granted is None and not self.stopping:
                 # No answer (the scheduler restarting, NATS reconnecting, or the answer
@@ -196,26 +218,28 @@ class Worker:
             self._granted[(job.build_id, job.attempt)] = None
             while len(self._granted) > GRANTED_KEPT:
                 self._granted.popitem(last=False)
-            await self._run_claimed(job, stop)
+            await self._run_claimed(job, stop, workdir)
         finally:
-            await _quietly(cancel_sub.unsubscribe(), "unsubscribe")
+            del self._stops[job.build_id]
 
-    def _cancel_handler(self, job: Job, stop: StopRequest) -> Any:
-        async def on_cancel(msg: Msg) -> None:
-            try:
-                request = schemas.decode("cancel_request", msg.data)
-            except SchemaError as exc:
-                reject("runner", self._settings.subjects, msg.subject, exc)
-                return
-            if request["build_id"] != job.build_id:
-                return
-            if request.get("reason") == "timeout":
-                stop.stop(Reason.TIMEOUT, "timeout reached (scheduler)")
-            else:
-                who = request.get("requested_by")
-                stop.stop(Reason.CANCELLED, f"cancelled by {who}" if who else "cancelled")
-
-        return on_cancel
+    async def _on_cancel(self, msg: Msg) -> None:
+        # Most cancels are for jobs of other runners: those are dropped before decoding.
+        token = msg.subject.rsplit(".", 1)[-1]
+        if not token.isdigit() or int(token) not in self._stops:
+            return
+        try:
+            request = schemas.decode("cancel_request", msg.data)
+        except SchemaError as exc:
+            reject("runner", self._settings.subjects, msg.subject, exc)
+            return
+        stop = self._stops.get(request["build_id"])
+        if stop is None or msg.subject != self._settings.subjects.cancel(request["build_id"]):
+            return
+        if request.get("reason") == "timeout":
+            stop.stop(Reason.TIMEOUT, "timeout reached (scheduler)")
+        else:
+            who = request.get("requested_by")
+            stop.stop(Reason.CANCELLED, f"cancelled by {who}" if who else "cancelled")
 
     async def _claim(self, job: Job) -> bool | None:
         """True granted, False refused, None when nobody answered."""
@@ -243,16 +267,21 @@ class Worker:
             log.info("claim refused", extra={"build_id": job.build_id, "why": answer.get("reason")})
         return bool(answer["granted"])
 
-    async def _run_claimed(self, job: Job, stop: StopRequest) -> None:
+    async def _run_claimed(self, job: Job, stop: StopRequest, workdir: WorkDir) -> None:
         self._current = stop
         if self._deadline_passed:  # the drain deadline passed while the claim was in flight
             stop.stop(Reason.CANCELLED, self._drain_why)
         self._registry.announce("busy", job.build_id)
         log.info("job started", extra={"build_id": job.build_id, "module_name": job.module_name})
         try:
-            outcome = await execute(self._js, self._settings, job, stop)
+            outcome = await execute(self._js, self._settings, job, stop, workdir)
         finally:
             self._current = None
+            # In a worker thread while the report's round trip is awaited: neither the
+            # report nor the next job waits for the file system.
+            removal = asyncio.create_task(workdir.remove())
+            self._removals.add(removal)
+            removal.add_done_callback(self._removals.discard)
         await self._report(job, outcome)
         self.jobs_run += 1
         counters.JOBS.labels(result=counters.job_result(outcome.exit_code, outcome.reason)).inc()

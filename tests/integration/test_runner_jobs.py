@@ -200,6 +200,8 @@ def modules_dir(tmp_path: Path) -> Path:
     )
     # Prints what reached it from the environment.
     module("envdump", "env | sort\n")
+    # Prints where it runs.
+    module("where", "pwd -P\n")
     return target
 
 
@@ -221,10 +223,13 @@ async def sched(settings: Settings, nc: Client) -> FakeScheduler:
 
 @contextlib.asynccontextmanager
 async def running(
-    settings: Settings, runner_id: str = "runner-t", drain_timeout_s: float = 5.0
+    settings: Settings,
+    runner_id: str = "runner-t",
+    drain_timeout_s: float = 5.0,
+    work_root: Path | None = None,
 ) -> AsyncIterator[RunnerService]:
     service = RunnerService(
-        settings, "x86_64", ["script"], {"pool": "test"}, runner_id, drain_timeout_s
+        settings, "x86_64", ["script"], {"pool": "test"}, runner_id, drain_timeout_s, work_root
     )
     task = asyncio.create_task(service.serve())
     try:
@@ -307,6 +312,26 @@ async def test_refused_claim_does_not_start_the_job(
     # The refused message was acked: nothing is left in the work queue.
     info = await sched.js.stream_info(rsettings.subjects.dispatch_stream)
     assert info.state.messages == 0
+
+
+async def test_work_dirs_are_made_in_the_work_root_and_removed_after_the_job(
+    rsettings: Settings, sched: FakeScheduler, tmp_path: Path
+) -> None:
+    root = tmp_path / "work"
+    root.mkdir()
+    sched.refuse.add(21)
+    async with running(rsettings, work_root=root):
+        # Refused: never started, so no work dir either.
+        await sched.dispatch(21, "where")
+        await sched.wait_for(lambda: any(c["build_id"] == 21 for c in sched.claims))
+        await sched.dispatch(22, "where")
+        report = await sched.report(22)
+        assert report["exit_code"] == 0
+    # The runner waits for its removals before it stops.
+    assert list(root.iterdir()) == []
+    cwd = Path(check_log(sched.chunks(22)).strip())
+    assert cwd.parent == root.resolve() and cwd.name.startswith("xoogify-22-")
+    assert sched.chunks(21) == []
 
 
 async def test_unanswered_claim_is_asked_again_and_run_once_answered(
