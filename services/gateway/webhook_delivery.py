@@ -255,7 +255,16 @@ class WebhookWorker:
             rows = await conn.fetch(_CLAIM, self.config.claim_batch)
             if not rows:
                 return 0
-            results = await asyncio.gather(*(self._attempt(http, row) for row in rows))
+            # return_exceptions: when this loop is cancelled at stop, an attempt that fails
+            # as it is torn down must not leave an exception nobody retrieves.
+            gathered = await asyncio.gather(
+                *(self._attempt(http, row) for row in rows), return_exceptions=True
+            )
+            results: list[Outcome] = []
+            for item in gathered:
+                if isinstance(item, BaseException):
+                    raise item  # rolled back: the rows are due again
+                results.append(item)
             await conn.executemany(
                 _RECORD,
                 [
