@@ -130,6 +130,8 @@ async def _run_command(
     finally:
         # Also on cancellation of the runner itself: nothing of the job survives it.
         process.kill_leftovers(proc)
+        # Only now: every process of the group has its SIGKILL, so the pgid can be recycled.
+        process.release(proc)
         for task in (pump, waiter, stopper):
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):

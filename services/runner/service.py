@@ -21,6 +21,7 @@ from services.common import bus, crypto
 from services.common.children import forbid_inspection
 from services.common.config import Settings
 from services.common.metrics import serve_metrics
+from services.runner import process
 from services.runner.executors import EXECUTORS
 from services.runner.registry import HeartbeatLost, Registry
 from services.runner.work import Worker
@@ -236,10 +237,14 @@ async def run(
         metrics = await serve_metrics(
             metrics_port, lambda: service.healthy, host=settings.metrics_host
         )
+    # Now rather than at the first job, which would wait for it. Closed only after serve()
+    # returned: every job has ended and told it so, and it kills nothing.
+    process.start_reaper()
     try:
         with pidfd_child_watcher():
             await service.serve()
     finally:
+        process.close_reaper()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         if metrics is not None:
