@@ -133,7 +133,8 @@ def start_reaper() -> Reaper | None:
             raise OSError("no interpreter to run the reaper with (sys.executable is empty)")
         _reaper = Reaper()
         # A process that never called close_reaper (tests running a runner in-process)
-        # still closes it cleanly at its exit.
+        # still closes it cleanly at its exit; once, however many reapers it had.
+        atexit.unregister(close_reaper)
         atexit.register(close_reaper)
     except OSError as exc:
         _reaper_failed = True
