@@ -2,10 +2,11 @@
 that died. Run as a file (`python -I -S reaper.py`), not imported by it: stdlib only.
 
 The runner writes `+PGID` (a job's process group started) and `-PGID` (it ended) lines
-to our stdin, a pipe only the runner holds the write end of. End of file means the runner
-is gone - SIGKILLed included, since the kernel closes a dead process's descriptors - so
-every group still held is SIGKILLed, the job's grandchildren with it, and we exit. A
-runner that stops cleanly has said `-` for each of its jobs first: nothing is killed.
+to our stdin, a pipe only the runner holds the write end of, read every INTERVAL_S (see
+main). End of file means the runner is gone - SIGKILLed included, since the kernel closes
+a dead process's descriptors - so every group still held is SIGKILLed, the job's
+grandchildren with it, and we exit. A runner that stops cleanly has said `-` for each of
+its jobs first: nothing is killed.
 
 SIGINT, SIGTERM and SIGHUP are ignored: a Ctrl-C in a terminal or a service manager's
 SIGTERM to every process must not take us away before the runner, whose end we watch.
@@ -15,18 +16,23 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 READY = b"ready\n"
+# How often the pipe is read; 64 KiB of pipe buffer hold thousands of 8-byte lines.
+INTERVAL_S = 0.05
 
 
-def serve(fd: int) -> set[int]:
-    """Read commands from `fd` until end of file; return the groups still held."""
+def serve(fd: int, interval_s: float = 0.0) -> set[int]:
+    """Read commands from `fd` until end of file; return the groups still held. With an
+    `interval_s`, `fd` is read without blocking, every `interval_s` seconds."""
     held: set[int] = set()
     pending = b""
     while True:
         try:
-            data = os.read(fd, 4096)
-        except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for safety
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            time.sleep(interval_s)
             continue
         if not data:
             return held
@@ -53,7 +59,12 @@ def main() -> None:
     # The runner waits for this before it starts any job: we are up, and deaf to those.
     os.write(1, READY)
     os.close(1)
-    for pgid in serve(0):
+    # Polled rather than blocking in read: a write to a pipe whose reader sleeps in read()
+    # wakes it, and on busy cores the runner then often loses its CPU to us right in the
+    # middle of starting a job (seen in its profile). Polled, the runner's writes wake
+    # nobody; the price is a kill up to INTERVAL_S after the runner died.
+    os.set_blocking(0, False)
+    for pgid in serve(0, INTERVAL_S):
         try:
             os.killpg(pgid, signal.SIGKILL)
         except OSError:  # already gone
