@@ -200,11 +200,12 @@ async def test_job_process_dies_with_a_killed_runner(
         async def gone() -> bool:
             return child not in job_pids(org)
 
-        # PR_SET_PDEATHSIG ends the runner's direct child (the job's shell) at once.
+        # The runner's reaper sees its pipe close and kills the job's process group
+        # (tests/integration/test_runner_reaper.py checks the grandchildren too).
         await poll(gone, timeout=5)
     finally:
         await stack.stop_all()
-        # Its own children are orphans now (PDEATHSIG covers only the direct child).
+        # Should the test fail, leave nothing of the job running.
         for pid in job_pids(org):
             with contextlib.suppress(OSError):
                 os.killpg(os.getpgid(pid), signal.SIGKILL)
