@@ -115,6 +115,15 @@ class WsRecorder:
                         return message
                 await self._changed.wait()
 
+    async def wait_for_seq(self, stream_seq: int, timeout: float = 30.0) -> dict[str, Any]:
+        """Wait for the `jobs` frame that carries the event at `stream_seq`."""
+        return await self.wait_for(
+            lambda m: (
+                m.get("type") == "jobs" and any(i["stream_seq"] == stream_seq for i in m["items"])
+            ),
+            timeout,
+        )
+
     async def wait_job_status(
         self, build_id: int, statuses: set[str], timeout: float = 60.0
     ) -> dict[str, Any]:

@@ -23,12 +23,7 @@ async def test_client_gets_hello_then_every_transition_in_order(settings: Settin
             assert ws.messages[0] == {"type": "hello", "watermark": before[-1]}
             first = await pub.life(2)
             second = await pub.life(3, org="other")
-            await ws.wait_for(
-                lambda m: (
-                    m.get("type") == "jobs"
-                    and any(i["stream_seq"] == second[-1] for i in m["items"])
-                )
-            )
+            await ws.wait_for_seq(second[-1])
         # Nothing from before hello; every event after it, in stream order, none merged.
         assert stream_seqs(ws) == first + second
         assert [i["seq"] for i in ws.job_items(2)] == [1, 2, 3]
@@ -47,12 +42,7 @@ async def test_filter_by_organization_excludes_others(settings: Settings) -> Non
             acme = await pub.life(2)
             await pub.life(3, org="other")
             marker = await pub.life(4)
-            await ws.wait_for(
-                lambda m: (
-                    m.get("type") == "jobs"
-                    and any(i["stream_seq"] == marker[-1] for i in m["items"])
-                )
-            )
+            await ws.wait_for_seq(marker[-1])
         assert {i["organization"] for i in ws.job_items()} == {"acme"}
         assert stream_seqs(ws) == acme + marker
 
@@ -65,11 +55,7 @@ async def test_filter_sends_the_update_that_takes_a_job_out(settings: Settings) 
             # Events are dispatched in stream order: once job 2 arrives, job 1's SUCCESS
             # has been dispatched too.
             marker = await pub.event(job_event(2, 1))
-            await ws.wait_for(
-                lambda m: (
-                    m.get("type") == "jobs" and any(i["stream_seq"] == marker for i in m["items"])
-                )
-            )
+            await ws.wait_for_seq(marker)
         items = ws.job_items(1)
         assert [i["status"] for i in items][:2] == ["IN-PROGRESS", "WORKING"]
         # The final SUCCESS neither matches nor follows a tracked job: not sent.
@@ -97,11 +83,7 @@ async def test_since_while_publishing_gets_every_event_once(settings: Settings) 
             await ws.send({"type": "filter", "since": since})
             published = await task
             last = published[-1]
-            await ws.wait_for(
-                lambda m: (
-                    m.get("type") == "jobs" and any(i["stream_seq"] == last for i in m["items"])
-                )
-            )
+            await ws.wait_for_seq(last)
         received = [s for s in stream_seqs(ws) if s > since]
         counts = Counter(received)
         assert [s for s, n in counts.items() if n > 1] == []  # no repeat
@@ -117,11 +99,7 @@ async def test_since_older_than_the_stream_gives_gap_then_replay(settings: Setti
         async with WsRecorder(gw.ws_url, headers=auth_headers(settings)) as ws:
             await ws.send({"type": "filter", "since": 2})
             gap = await ws.wait_for(lambda m: m.get("type") == "gap")
-            await ws.wait_for(
-                lambda m: (
-                    m.get("type") == "jobs" and any(i["stream_seq"] == kept[-1] for i in m["items"])
-                )
-            )
+            await ws.wait_for_seq(kept[-1])
         assert gap == {"type": "gap", "requested": 2, "first_available": kept[0]}
         assert ws.messages.index(gap) < next(
             n for n, m in enumerate(ws.messages) if m.get("type") == "jobs"
@@ -139,11 +117,7 @@ async def test_malformed_messages_get_error_frames_and_the_socket_lives(
                 await ws._ws.send(bad)
             await ws.wait_for(lambda m: m.get("type") == "error" and "name" in m["message"])
             seqs = await pub.life(1)
-            await ws.wait_for(
-                lambda m: (
-                    m.get("type") == "jobs" and any(i["stream_seq"] == seqs[-1] for i in m["items"])
-                )
-            )
+            await ws.wait_for_seq(seqs[-1])
         errors = [m for m in ws.messages if m.get("type") == "error"]
         assert len(errors) == 3
 
@@ -160,13 +134,7 @@ async def test_a_slow_client_gets_resync_without_blocking_a_fast_one(settings: S
             async with WsRecorder(gw.ws_url, headers=auth_headers(settings)) as fast:
                 # `slow` is not read from here on; `fast` is.
                 seqs = [await pub.event(job_event(n, 1, variables=padding)) for n in range(1, 81)]
-                await fast.wait_for(
-                    lambda m: (
-                        m.get("type") == "jobs"
-                        and any(i["stream_seq"] == seqs[-1] for i in m["items"])
-                    ),
-                    timeout=20,
-                )
+                await fast.wait_for_seq(seqs[-1], timeout=20)
                 assert stream_seqs(fast) == seqs
                 assert not any(m.get("type") == "resync" for m in fast.messages)
 
@@ -209,12 +177,7 @@ async def test_hub_carries_on_after_a_nats_restart(
     async with publisher(settings) as pub, serve_gateway(settings) as gw:
         async with WsRecorder(gw.ws_url, headers=auth_headers(settings)) as ws:
             before = await pub.life(1)
-            await ws.wait_for(
-                lambda m: (
-                    m.get("type") == "jobs"
-                    and any(i["stream_seq"] == before[-1] for i in m["items"])
-                )
-            )
+            await ws.wait_for_seq(before[-1])
             nats_server.stop()
             nats_server.start()
 
@@ -225,13 +188,7 @@ async def test_hub_carries_on_after_a_nats_restart(
                     return None  # still reconnecting
 
             after = await eventually(republished, timeout=30)
-            await ws.wait_for(
-                lambda m: (
-                    m.get("type") == "jobs"
-                    and any(i["stream_seq"] == after[-1] for i in m["items"])
-                ),
-                timeout=30,
-            )
+            await ws.wait_for_seq(after[-1], timeout=30)
         assert stream_seqs(ws) == before + after
 
 
@@ -240,22 +197,11 @@ async def test_watchdog_restarts_a_dead_consumer_from_last_seq(settings: Setting
         gw.hub.watchdog_interval = 0.2
         async with WsRecorder(gw.ws_url, headers=auth_headers(settings)) as ws:
             before = await pub.life(1)
-            await ws.wait_for(
-                lambda m: (
-                    m.get("type") == "jobs"
-                    and any(i["stream_seq"] == before[-1] for i in m["items"])
-                )
-            )
+            await ws.wait_for_seq(before[-1])
             # Kill the hub's consumer behind nats-py's back: only the watchdog brings it back.
             await gw.hub._sub.unsubscribe()
             after = await pub.life(2)
-            await ws.wait_for(
-                lambda m: (
-                    m.get("type") == "jobs"
-                    and any(i["stream_seq"] == after[-1] for i in m["items"])
-                ),
-                timeout=15,
-            )
+            await ws.wait_for_seq(after[-1], timeout=15)
         assert gw.hub.restarts >= 1
         assert stream_seqs(ws) == before + after
 
@@ -266,11 +212,7 @@ async def test_a_bad_event_is_skipped_and_counted(settings: Settings) -> None:
             await pub.js.publish(settings.subjects.event("acme", "stg", 1), b'{"build_id": 1}')
             await pub.js.publish(settings.subjects.event("acme", "stg", 2), b"not json")
             good = await pub.life(3)
-            await ws.wait_for(
-                lambda m: (
-                    m.get("type") == "jobs" and any(i["stream_seq"] == good[-1] for i in m["items"])
-                )
-            )
+            await ws.wait_for_seq(good[-1])
         assert gw.hub.rejected == 2
         assert stream_seqs(ws) == good
 
@@ -286,12 +228,7 @@ async def test_a_filter_in_the_url_applies_before_the_first_push(settings: Setti
         async with WsRecorder(url, headers=auth_headers(settings)) as ws:
             await pub.life(3, org="other")
             marker = await pub.life(4)
-            await ws.wait_for(
-                lambda m: (
-                    m.get("type") == "jobs"
-                    and any(i["stream_seq"] == marker[-1] for i in m["items"])
-                )
-            )
+            await ws.wait_for_seq(marker[-1])
         assert ws.messages[0]["type"] == "hello"
         assert {i["organization"] for i in ws.job_items()} == {"acme"}
         assert stream_seqs(ws) == old + marker

@@ -94,10 +94,6 @@ async def test_unfollow_stops_the_log(settings: Settings) -> None:
             await ws.wait_for(lambda m: m.get("type") == "error")
             await pub.chunk(7, 4, "two\n")
             marker = await pub.event(job_event(8, 1))
-            await ws.wait_for(
-                lambda m: (
-                    m.get("type") == "jobs" and any(i["stream_seq"] == marker for i in m["items"])
-                )
-            )
+            await ws.wait_for_seq(marker)
         text, _ = log_text(ws, 7)
         assert text == "one\n"
