@@ -5,6 +5,7 @@ job's grandchildren with it - and nothing it was told has ended is ever killed."
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -31,12 +32,21 @@ def gone(pid: int) -> bool:
 
 
 def wait_until_gone(*pids: int) -> None:
-    """A SIGKILL is delivered at once but the process ends asynchronously: wait for that
-    with a deadline (the condition itself, not a fixed sleep)."""
+    """A SIGKILL is delivered at once but the process ends asynchronously: wait for each
+    exit on a pidfd (readable once the process has exited, whoever its parent), with a
+    deadline."""
     deadline = time.monotonic() + DEADLINE_S
-    while not all(gone(pid) for pid in pids):
-        assert time.monotonic() < deadline, f"still alive: {[p for p in pids if not gone(p)]}"
-        time.sleep(0.01)
+    for pid in pids:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue  # already gone and reaped
+        try:
+            left = max(0.0, deadline - time.monotonic())
+            readable, _, _ = select.select([fd], [], [], left)
+            assert readable or gone(pid), f"still alive: {pid}"
+        finally:
+            os.close(fd)
 
 
 @pytest.fixture
@@ -140,7 +150,7 @@ async def main():
     line = await proc.stdout.readline()
     sys.stdout.write(f"{process._reaper.proc.pid} {line.decode()}")
     sys.stdout.flush()
-    await asyncio.sleep(300)
+    await asyncio.Event().wait()  # until killed
 
 asyncio.run(main())
 """
