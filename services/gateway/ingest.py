@@ -296,6 +296,15 @@ class Ingestor:
     async def _reply(self, msg: Delivery, payload: bytes) -> None:
         await self.ctx.nc.publish(msg.reply, payload)
 
+    async def _keep(self, msgs: list[Delivery], delay: float, cap: float) -> float:
+        """Keep a batch that could not be stored yet: tell JetStream we are still on it,
+        wait `delay`, and return the next (doubled, at most `cap`)."""
+        for m in msgs:
+            with contextlib.suppress(Exception):
+                await self._reply(m, IN_PROGRESS)
+        await asyncio.sleep(delay)
+        return min(delay * 2, cap)
+
     async def _store_batch(
         self, msgs: list[Delivery], decoded: list[Decoded], generation: int
     ) -> None:
@@ -313,11 +322,7 @@ class Ingestor:
                 log.exception("ingest batch failed; retrying", extra={"kind": self.kind})
                 if self._stopping.is_set():
                     return
-                for m in msgs:
-                    with contextlib.suppress(Exception):
-                        await self._reply(m, IN_PROGRESS)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+                delay = await self._keep(msgs, delay, cap=30.0)
 
     async def _store_until_done(
         self, msgs: list[Delivery], decoded: list[Decoded], generation: int
@@ -337,11 +342,7 @@ class Ingestor:
                     return  # unacked: read again from the watermark at the next start
                 # Postgres is away: keep the batch (tell JetStream we are still on it).
                 log.warning("ingest store failed; retrying", extra={"error": repr(exc)})
-                for m in msgs:
-                    with contextlib.suppress(Exception):
-                        await self._reply(m, IN_PROGRESS)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = await self._keep(msgs, delay, cap=5.0)
         # Committed: now, and only now, the terms of what was rejected and the ack of the
         # batch (its highest stream sequence: the consumer acks everything up to it).
         rejected = 0

@@ -17,9 +17,8 @@ the direct child only) never reached. The spawn itself then needs no wrapper and
 
 The window: a runner SIGKILLed after the fork but before the pgid reached the pipe (the
 time `create_subprocess_exec` takes to connect the child's pipes: well under a ms) leaves
-that command running. setpriv had
-its own: its prctl ran after fork and exec, and a runner dying before that left the
-command without a death signal.
+that command running. setpriv had its own: its prctl ran after fork and exec, and a runner
+dying before that left the command without a death signal.
 
 If the reaper cannot be started (or dies and cannot be restarted), commands fall back to
 `setpriv --pdeathsig KILL --`, and where setpriv lacks the option to a `preexec_fn`
