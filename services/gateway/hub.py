@@ -25,11 +25,11 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from prometheus_client import Counter, Gauge
 
 from services.common.metrics import REJECTED
+from services.common.pull import stream_seq
 from services.common.schemas import SchemaError
 from services.common.status import is_final
 from services.gateway.context import GatewayContext
 from services.gateway.live_client import Flush, Item, LiveClient, make_item
-from services.gateway.pull import stream_seq
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from prometheus_client import Counter, Histogram
 
 from services.common import schemas
 from services.common.metrics import REJECTED
+from services.common.pull import ACK, IN_PROGRESS, TERM, Delivery, Puller, reply_stream_seq
 from services.gateway.context import GatewayContext
-from services.gateway.pull import ACK, IN_PROGRESS, TERM, Delivery, Puller, reply_stream_seq
 from services.gateway.watermark import Contiguity
 
 log = logging.getLogger(__name__)

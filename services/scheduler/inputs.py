@@ -3,7 +3,7 @@ pull request always open on the server, so an input is delivered the moment it i
 
 nats-py's `fetch` sends a new pull request per batch (inputs stored while a batch is
 handled wait for it) and awaits each message with its own task and timeout. The gateway's
-`Puller` (services/gateway/pull.py) sends a no_wait probe and then a long poll on every
+`Puller` (services/common/pull.py) sends a no_wait probe and then a long poll on every
 call that finds nothing in hand, so its requests pile up on the server (each delivery ends
 a call while its request stays open) and each one's expiry starts another pair: far more
 requests than inputs at the scheduler's pace. Here a new request is sent only when the

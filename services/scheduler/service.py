@@ -29,7 +29,7 @@ from services.common.config import Settings
 from services.common.metrics import reject, serve_metrics, stream_seq_of
 
 # The gateway's cheap build ID of a delivery; it would sit better in services/common.
-from services.gateway.pull import stream_seq
+from services.common.pull import stream_seq
 from services.scheduler.effects import Effect, PublishEvent
 from services.scheduler.inputs import Inputs
 from services.scheduler.leader import Lease, NotLeader

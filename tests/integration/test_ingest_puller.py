@@ -12,7 +12,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from services.common.config import Settings
-from services.gateway.pull import ACK, RAW_ROUTING, Delivery, Puller, reply_stream_seq
+from services.common.pull import ACK, RAW_ROUTING, Delivery, Puller, reply_stream_seq
 
 STREAM = "PULLER_TEST"
 

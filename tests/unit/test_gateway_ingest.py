@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from services.common import codec
+from services.common.pull import Delivery, reply_stream_seq, status_of, stream_seq
 from services.gateway.ingest import _chunk_matches_subject, _decode, _event_matches_subject
-from services.gateway.pull import Delivery, reply_stream_seq, status_of, stream_seq
 
 AT = "2026-11-24T07:00:00.123Z"
 REPLY = "$JS.ACK.XOOGIFY_EVENTS.ingest-events-gw.1.{seq}.12.1732431600000000000.3"
