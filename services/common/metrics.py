@@ -11,6 +11,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 
+from services.common.pull import stream_seq
 from services.common.subjects import Subjects, family
 
 log = logging.getLogger(__name__)
@@ -23,9 +24,10 @@ REJECTED = Counter(
 
 
 def stream_seq_of(msg: Any) -> int | None:
-    """The stream sequence of a JetStream message; None for a core NATS message."""
+    """The stream sequence of a JetStream message (nats-py's `Msg` or a pull `Delivery`);
+    None for a core NATS message."""
     try:
-        return int(msg.metadata.sequence.stream)
+        return stream_seq(msg)
     except Exception:
         return None
 

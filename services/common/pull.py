@@ -1,15 +1,16 @@
-"""Reading a durable JetStream pull consumer in batches, cheaply.
+"""Reading durable JetStream pull consumers, cheaply: one reader (`PullReader`) for the
+gateway's ingestion, the scheduler's inputs and the runners' dispatch.
 
 nats-py's `fetch` awaits every message of a batch with its own task and timeout
-(`next_msg` → `create_task` + `wait_for`), which was the largest single cost of ingestion.
-Here one core subscription on an inbox collects the deliveries, and a fetch is one pull
-request (`$JS.API.CONSUMER.MSG.NEXT…`) and one wait. Deliveries that arrive after a fetch
-returned (a pull request still open on the server) are kept for the next one, so nothing
-the server handed over is dropped here.
+(`next_msg` → `create_task` + `wait_for`), which was the largest single cost of ingestion,
+and sends a new pull request per call. Here one core subscription on an inbox collects the
+deliveries of one pull request kept open at a time (`$JS.API.CONSUMER.MSG.NEXT…`).
+Deliveries that arrive while the caller is busy are kept for its next call, so nothing the
+server handed over is dropped here.
 
 The deliveries are taken from nats-py as raw bytes where it allows (`raw_route`): its `Msg`
 (headers parsed into a dict, a dataclass, a queue and a task hop per message) was a fifth
-of the gateway's CPU during ingestion, and ingestion needs only subject, reply and data.
+of the gateway's CPU during ingestion, and readers need only subject, reply and data.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import time
 from collections.abc import Awaitable, Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -32,22 +34,16 @@ _STATUS = "Status"
 _HEARTBEAT = "100"
 # Ends a pull request: no messages (no_wait), request expired, or a limit reached.
 _REQUEST_OVER = {"404", "408", "409"}
-# No answer at all to this many no_wait pulls in a row: subscribe again.
-UNANSWERED_LIMIT = 5
+# This many requests in a row never heard of: the consumer or the inbox is gone.
+UNANSWERED_LIMIT = 3
 # JetStream acknowledgements (the payload published to a delivery's reply subject).
-ACK, TERM, IN_PROGRESS = b"", b"+TERM", b"+WPI"
+ACK, NAK, TERM, IN_PROGRESS = b"", b"-NAK", b"+TERM", b"+WPI"
+# A request not heard of this long after its expiry is taken as lost.
+LOST_AFTER_S = 0.5
 
 
 class ConsumerGone(Exception):
     """The server answered a pull with an error that needs the consumer recreated."""
-
-
-class Delivery(NamedTuple):
-    """One message from the consumer: all ingestion needs of it."""
-
-    subject: str
-    reply: str
-    data: bytes
 
 
 def reply_stream_seq(reply: str) -> int:
@@ -65,8 +61,9 @@ def reply_stream_seq(reply: str) -> int:
     raise ValueError(f"not a JetStream reply subject: {reply!r}")
 
 
-def stream_seq(msg: Msg) -> int:
-    """The stream sequence of a JetStream message (see `reply_stream_seq`)."""
+def stream_seq(msg: Any) -> int:
+    """The stream sequence of a JetStream message, nats-py's `Msg` or a `Delivery` (see
+    `reply_stream_seq`)."""
     try:
         return reply_stream_seq(msg.reply or "")
     except ValueError:
@@ -143,25 +140,111 @@ def status_of(headers: bytes | None) -> tuple[str, str] | None:
     return status, description.strip()
 
 
-class Puller:
-    """Batches from one existing durable pull consumer."""
+class Delivery:
+    """One message from a pull consumer: what its readers need of it (subject, reply,
+    data), and its acknowledgements, as nats-py's `Msg` has them. Final replies (ack, nak,
+    term) after the first are ignored: the server would ignore them too."""
 
-    def __init__(self, nc: Client, stream: str, consumer: str, api_prefix: str = "$JS.API") -> None:
+    __slots__ = ("_done", "_nc", "data", "reply", "subject")
+
+    def __init__(self, subject: str, reply: str, data: bytes, nc: Client | None = None) -> None:
+        self.subject = subject
+        self.reply = reply
+        self.data = data
+        self._nc = nc
+        self._done = False
+
+    def __repr__(self) -> str:
+        return f"Delivery({self.subject!r}, {self.reply!r}, {len(self.data)} bytes)"
+
+    @property
+    def stream_seq(self) -> int:
+        return reply_stream_seq(self.reply)
+
+    async def _send(self, payload: bytes, final: bool = True) -> None:
+        if self._done:
+            return
+        if self._nc is None:
+            raise RuntimeError("a Delivery made without a connection cannot be acknowledged")
+        self._done = final
+        await self._nc.publish(self.reply, payload)
+
+    async def ack(self) -> None:
+        await self._send(ACK)
+
+    async def nak(self, delay: float | None = None) -> None:
+        """Back to the consumer now (another reader may take it), or after `delay` s."""
+        payload = NAK if not delay else NAK + b' {"delay":%d}' % int(delay * 1e9)
+        await self._send(payload)
+
+    async def term(self) -> None:
+        await self._send(TERM)
+
+    async def in_progress(self) -> None:
+        await self._send(IN_PROGRESS, final=False)
+
+
+class PullReader:
+    """Deliveries from one existing durable pull consumer, with at most one pull request
+    open on the server at a time.
+
+    nats-py's `fetch` sends a new pull request per batch (messages stored while a batch is
+    handled wait for the next call) and awaits each message with its own task and
+    timeout. Sending a no_wait probe and a long poll on every call, as ingestion once did,
+    piles requests up on the server at a slow pace (each delivery ends a call while its
+    request stays open) and each expiry starts another pair. Here a new request goes out
+    only when the last one is over: its batch was delivered, the server ended it (a
+    status: expired, no messages, a limit), or nothing was heard of it for longer than it
+    could live (lost in a reconnect). So a message is delivered the moment it is stored,
+    and there are never more requests than deliveries need.
+
+    Deliveries are taken from nats-py as raw bytes where it allows (`raw_route`).
+    `on_arrival`, if given, is called (synchronously) after each delivery or end of a
+    request, for a caller that waits on several readers at once.
+    """
+
+    def __init__(
+        self,
+        nc: Client,
+        stream: str,
+        consumer: str,
+        *,
+        batch: int,
+        expires_s: float,
+        api_prefix: str = "$JS.API",
+        on_arrival: Callable[[], None] | None = None,
+    ) -> None:
         self._nc = nc
         self._next = f"{api_prefix}.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self._inbox = nc.new_inbox()
+        self.batch = batch
+        self._expires_s = expires_s
+        self._on_arrival = on_arrival
         self._sub: Any = None
         self._unroute: Callable[[], None] | None = None
         self._msgs: list[Delivery] = []
-        self._want = 0
-        self._ready = asyncio.Event()
+        self._arrived = asyncio.Event()
+        # Deliveries the open request may still bring (0: none open), when it was sent,
+        # and how many requests in a row were never heard of.
+        self._left = 0
+        self._asked_at = 0.0
+        self._heard = True
+        self._lost = 0
         self._error: str | None = None
-        self._unanswered = 0
 
     @property
     def raw(self) -> bool:
         """Whether deliveries come as raw bytes (else through nats-py's `Msg`)."""
         return self._unroute is not None
+
+    @property
+    def in_hand(self) -> int:
+        return len(self._msgs)
+
+    @property
+    def asking(self) -> bool:
+        """Whether a request is open (as far as this reader knows)."""
+        return self._left > 0 and not self._expired()
 
     async def start(self, raw: bool = True) -> None:
         self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg)
@@ -180,76 +263,96 @@ class Puller:
     def _on_raw(self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
         status = status_of(headers)
         if status is None:
-            self._deliver(Delivery(subject.decode(), reply.decode(), data))
+            self._deliver(Delivery(subject.decode(), reply.decode(), data, self._nc))
         else:
             self._on_status(*status)
 
     async def _on_msg(self, msg: Msg) -> None:
         status = msg.headers.get(_STATUS) if msg.headers else None
         if status is None:
-            self._deliver(Delivery(msg.subject, msg.reply, msg.data))
+            self._deliver(Delivery(msg.subject, msg.reply, msg.data, self._nc))
         else:
             self._on_status(status, (msg.headers or {}).get("Description", ""))
 
     def _deliver(self, delivery: Delivery) -> None:
         self._msgs.append(delivery)
-        if len(self._msgs) >= self._want:
-            self._ready.set()
+        self._left -= 1
+        self._heard = True
+        self._arrived.set()
+        if self._on_arrival is not None:
+            self._on_arrival()
 
     def _on_status(self, status: str, description: str) -> None:
         if status == _HEARTBEAT:
             return
-        if status in _REQUEST_OVER:
-            if status == "409" and "deleted" in description.lower():
-                self._error = f"{status} {description}"
-        else:
+        if status not in _REQUEST_OVER or "deleted" in description.lower():
             self._error = f"{status} {description}"
-        self._ready.set()
+        self._left = 0
+        self._heard = True
+        self._arrived.set()
+        if self._on_arrival is not None:
+            self._on_arrival()
 
-    async def _request(self, body: dict[str, Any], want: int, timeout: float) -> None:
-        """Send one pull request; wait until `want` messages are in hand, the request is
-        over, or `timeout`."""
-        self._ready.clear()
-        self._want = want
-        await self._nc.publish(self._next, codec.dumps(body), reply=self._inbox)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._ready.wait(), timeout)
-        self._check()
-
-    def _take(self, batch: int) -> list[Delivery]:
-        msgs, self._msgs = self._msgs[:batch], self._msgs[batch:]
-        return msgs
+    def _expired(self) -> bool:
+        return time.monotonic() - self._asked_at > self._expires_s + LOST_AFTER_S
 
     def _check(self) -> None:
         if self._error is not None:
             error, self._error = self._error, None
             raise ConsumerGone(error)
 
-    async def fetch(self, batch: int, timeout: float) -> list[Delivery]:
-        """Up to `batch` messages: what is available at once, else the first ones to
-        arrive within `timeout` (an empty list when none did)."""
+    async def ask(self) -> None:
+        """Open a request unless one is open. A request never heard of (no delivery, no
+        status) `UNANSWERED_LIMIT` times in a row means the consumer or the inbox is gone
+        (the server answers every request, at least with its expiry)."""
+        self._check()
+        if self.asking:
+            return
+        if self._left > 0 and not self._heard:
+            self._lost += 1
+            if self._lost >= UNANSWERED_LIMIT:
+                self._lost = 0
+                raise ConsumerGone("no answer to pull requests")
+        elif self._heard:
+            self._lost = 0
+        expires = max(int(self._expires_s * 1e9), 10_000_000)
+        self._left = self.batch
+        self._heard = False
+        self._asked_at = time.monotonic()
+        await self._nc.publish(
+            self._next, codec.dumps({"batch": self.batch, "expires": expires}), reply=self._inbox
+        )
+
+    def take(self, count: int | None = None) -> list[Delivery]:
+        """Up to `count` (default: `batch`) of the deliveries in hand."""
+        count = self.batch if count is None else count
+        msgs, self._msgs = self._msgs[:count], self._msgs[count:]
+        return msgs
+
+    async def fetch(self, timeout: float, *, ask_again: bool = True) -> list[Delivery]:
+        """Up to `batch` deliveries: those in hand, else the first to arrive within
+        `timeout` (an empty list when none did, or when the open request ended). With
+        `ask_again`, the next request goes out before returning, so what is stored while
+        the caller handles this batch is delivered meanwhile."""
         self._check()
         if not self._msgs:
-            # What the stream holds now, answered at once (then "no messages").
-            await self._request({"batch": batch, "no_wait": True}, batch, timeout)
-            if self._msgs or self._ready.is_set():
-                self._unanswered = 0
-            else:
-                # The server always answers a no_wait pull: silence, again and again, means
-                # our inbox or the connection is gone (once may be a busy machine).
-                self._unanswered += 1
-                if self._unanswered >= UNANSWERED_LIMIT:
-                    self._unanswered = 0
-                    raise ConsumerGone("no answer to pull requests")
-        if not self._msgs:
-            # Nothing waiting: a long poll, back as soon as something arrives. It expires
-            # on the server a little before we stop waiting here.
-            expires = max(int((timeout - 0.05) * 1e9), 10_000_000)
-            await self._request({"batch": batch, "expires": expires}, 1, timeout)
-            # A burst is usually on its way behind the first message: let it land.
-            await asyncio.sleep(0)
-        return self._take(batch)
+            self._arrived.clear()
+            await self.ask()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), timeout)
+            self._check()
+            if self._msgs:
+                # A burst is usually on its way behind the first message: let it land.
+                await asyncio.sleep(0)
+        if ask_again:
+            await self.ask()
+        return self.take()
 
-    async def reply(self, delivery: Delivery, payload: bytes) -> None:
-        """Acknowledge one delivery (`ACK`, `TERM` or `IN_PROGRESS`)."""
-        await self._nc.publish(delivery.reply, payload)
+    async def over(self, timeout: float) -> None:
+        """Wait (at most `timeout`) until no request is open: for a reader that stops
+        taking messages and must not leave any delivered to it unanswered."""
+        deadline = time.monotonic() + timeout
+        while self.asking and (left := deadline - time.monotonic()) > 0:
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), left)

@@ -25,7 +25,7 @@ from prometheus_client import Counter, Histogram
 
 from services.common import schemas
 from services.common.metrics import REJECTED
-from services.common.pull import ACK, IN_PROGRESS, TERM, Delivery, Puller, reply_stream_seq
+from services.common.pull import ACK, IN_PROGRESS, TERM, Delivery, PullReader, reply_stream_seq
 from services.gateway.context import GatewayContext
 from services.gateway.watermark import Contiguity
 
@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 BATCH = 1000
 # Fetched but not yet acked, per consumer: a few batches in the pipeline.
 MAX_ACK_PENDING = 20 * BATCH
+# How long a fetch waits when nothing is delivered (and a pull request lives).
+FETCH_WAIT_S = 0.5
 # What a Postgres that went away looks like to asyncpg. InternalClientError too: a pooled
 # connection that died mid-operation raises it on release ("cannot switch to state …"),
 # and a batch that escaped this retry would wait out ack_wait (30 s), holding the
@@ -210,9 +212,9 @@ class Ingestor:
         # messages that consumer handed over and are not stored yet).
         self._generation = 0
 
-    async def _subscribe(self) -> Puller:
+    async def _subscribe(self) -> PullReader:
         # Always start over just after the stored watermark, with a new consumer: messages
-        # a killed predecessor (or a Puller given up after a NATS error) was handed but
+        # a killed predecessor (or a reader given up after a NATS error) was handed but
         # never stored would otherwise come back only after ack_wait, holding the
         # watermark back that long, and with acks covering everything up to a sequence
         # (below) they must never be left pending behind stored ones. Re-reading a few
@@ -237,7 +239,9 @@ class Ingestor:
             max_ack_pending=MAX_ACK_PENDING,
         )
         await self.ctx.js.add_consumer(self.stream, config)
-        puller = Puller(self.ctx.nc, self.stream, self.consumer)
+        puller = PullReader(
+            self.ctx.nc, self.stream, self.consumer, batch=BATCH, expires_s=FETCH_WAIT_S
+        )
         await puller.start()
         return puller
 
@@ -257,7 +261,7 @@ class Ingestor:
         """Fetch → decode → store → ack, with the next batch fetched and decoded while the
         previous one is being stored (stores stay one at a time, in order)."""
         await self._load_progress()
-        puller: Puller | None = None
+        puller: PullReader | None = None
         generation = 0
         storing: asyncio.Task[None] | None = None
         try:
@@ -266,7 +270,7 @@ class Ingestor:
                     if puller is None:
                         puller = await self._subscribe()
                         generation = self._generation
-                    msgs = await puller.fetch(BATCH, timeout=0.5)
+                    msgs = await puller.fetch(timeout=FETCH_WAIT_S)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # NATS down or restarting: try again shortly

@@ -5,16 +5,16 @@ whoever comes first (runner or scheduler), never one consumer for two filters; a
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
 import logging
 
-from nats.aio.msg import Msg
+from nats.aio.client import Client
 from nats.errors import Error as NatsError
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import BadRequestError
 
+from services.common import pull
 from services.common.config import Settings
 
 log = logging.getLogger(__name__)
@@ -54,19 +54,12 @@ async def ensure_consumer(js: JetStreamContext, settings: Settings, arch: str, k
     return name
 
 
-async def subscribe(
-    js: JetStreamContext, settings: Settings, arch: str, kind: str
-) -> JetStreamContext.PullSubscription:
-    name = await ensure_consumer(js, settings, arch, kind)
-    return await js.pull_subscribe_bind(name, stream=settings.subjects.dispatch_stream)
-
-
-async def fetch_one(sub: JetStreamContext.PullSubscription, timeout_s: float) -> list[Msg]:
-    """At most one message; none when the queue stayed empty for `timeout_s`."""
-    try:
-        return await sub.fetch(1, timeout=timeout_s)
-    except NatsTimeoutError:
-        return []
+async def ensure_consumers(
+    js: JetStreamContext, settings: Settings, arch: str, kinds: list[str]
+) -> list[tuple[str, str]]:
+    """The (stream, consumer) of each kind's dispatch consumer, created if missing."""
+    stream = settings.subjects.dispatch_stream
+    return [(stream, await ensure_consumer(js, settings, arch, kind)) for kind in kinds]
 
 
 class Puller:
@@ -74,75 +67,80 @@ class Puller:
 
     Asking each kind in turn, with a wait of `timeout_s` on each, made a job of one kind
     wait up to that long while the runner was waiting on another kind (a runner serves
-    terraform and script by default). So a fetch is out on every consumer at once, and
-    the first message is the runner's. Whatever else comes (a second kind answering at the
-    same moment, or a fetch still out answering while the job runs) is handed back at once
-    (nak), for another runner; the job itself is only ever started after a granted claim.
+    terraform and script by default). So a pull request (for one message) is open on
+    every consumer at once, and the first message is the runner's. Whatever else comes (a
+    second kind answering at the same moment, or a request still open answering while the
+    job runs) is handed back at once (nak), for another runner; the job itself is only
+    ever started after a granted claim. No new request goes out while the runner is busy.
     """
 
-    def __init__(self, subs: list[JetStreamContext.PullSubscription], timeout_s: float) -> None:
-        self._subs = subs
+    def __init__(
+        self, nc: Client, consumers: list[tuple[str, str]], timeout_s: float, raw: bool = True
+    ) -> None:
         self._timeout_s = timeout_s
-        self._fetches: dict[int, asyncio.Task[list[Msg]]] = {}
+        self._raw = raw
+        self._readers = [
+            pull.PullReader(
+                nc, stream, name, batch=1, expires_s=timeout_s, on_arrival=self._on_arrival
+            )
+            for stream, name in consumers
+        ]
+        self._arrived = asyncio.Event()
+        self._started = False
         self._handing_back: set[asyncio.Task[None]] = set()
         # Between handing out a message and the next call of `next`: the runner is busy.
         self._busy = False
 
-    async def next(self) -> list[Msg]:
-        """At most one message; none when no consumer had one within `timeout_s`. A fetch
-        that failed (NATS away) raises, as `fetch_one` does, once no message came."""
+    async def next(self) -> list[pull.Delivery]:
+        """At most one message; none when no consumer had one within `timeout_s`. A
+        consumer gone (deleted, or not answering) raises `pull.ConsumerGone`."""
+        if not self._started:
+            for reader in self._readers:
+                await reader.start(raw=self._raw)
+            self._started = True
         self._busy = False
-        for index, sub in enumerate(self._subs):
-            if index not in self._fetches:
-                task = asyncio.create_task(fetch_one(sub, self._timeout_s))
-                task.add_done_callback(functools.partial(self._fetched, index))
-                self._fetches[index] = task
-        await asyncio.wait(self._fetches.values(), return_when=asyncio.FIRST_COMPLETED)
-        got: list[Msg] = []
-        failure: BaseException | None = None
-        for index, task in list(self._fetches.items()):
-            if not task.done():
-                continue
-            del self._fetches[index]
-            try:
-                got += task.result()
-            except (NatsError, TimeoutError) as exc:
-                failure = exc
+        self._arrived.clear()
+        for reader in self._readers:
+            await reader.ask()
+        if not any(reader.in_hand for reader in self._readers):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), self._timeout_s)
+        got = [msg for reader in self._readers for msg in reader.take()]
         for msg in got[1:]:
             self._hand_back(msg)
         if got:
             self._busy = True
-            return got[:1]
-        if failure is not None:
-            raise failure
-        return []
+        return got[:1]
 
-    def _fetched(self, index: int, task: asyncio.Task[list[Msg]]) -> None:
-        """A fetch ended while the runner is busy: what it brought goes back."""
-        if not self._busy or self._fetches.get(index) is not task:
-            return  # `next` takes it
-        del self._fetches[index]
-        if task.cancelled() or task.exception() is not None:
+    def _on_arrival(self) -> None:
+        """A delivery (or the end of a request) came: the waiting `next` takes it, or, while
+        the runner is busy, it goes back."""
+        if not self._busy:
+            self._arrived.set()
             return
-        for msg in task.result():
-            self._hand_back(msg)
+        for reader in self._readers:
+            for msg in reader.take():
+                self._hand_back(msg)
 
-    def _hand_back(self, msg: Msg) -> None:
+    def _hand_back(self, msg: pull.Delivery) -> None:
         task = asyncio.create_task(_nak(msg))
         self._handing_back.add(task)
         task.add_done_callback(self._handing_back.discard)
 
     async def close(self) -> None:
-        """Let the fetches still out end (within `timeout_s`), handing back what they
+        """Let the requests still open end (within `timeout_s`), handing back what they
         bring: a message left unacked would wait out its ack wait before anyone got it."""
         self._busy = True
-        if self._fetches:
-            await asyncio.wait(list(self._fetches.values()))
+        self._on_arrival()
+        for reader in self._readers:
+            await reader.over(self._timeout_s + pull.LOST_AFTER_S)
+            await reader.stop()
+        self._started = False
         if self._handing_back:
             await asyncio.gather(*self._handing_back, return_exceptions=True)
 
 
-async def _nak(msg: Msg) -> None:
+async def _nak(msg: pull.Delivery) -> None:
     try:
         await msg.nak()
     except (NatsError, TimeoutError) as exc:

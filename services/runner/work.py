@@ -20,7 +20,7 @@ from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 
-from services.common import codec, schemas
+from services.common import codec, pull, schemas
 from services.common.config import Settings
 from services.common.metrics import reject, stream_seq_of
 from services.common.schemas import SchemaError
@@ -73,7 +73,8 @@ class Worker:
         self._granted: OrderedDict[tuple[int, int], None] = OrderedDict()
         self._drain_why = ""
         self.jobs_run = 0
-        self._subs: list[JetStreamContext.PullSubscription] = []
+        # (stream, consumer) of each kind's dispatch consumer.
+        self._consumers: list[tuple[str, str]] = []
         # The stop request of the job being claimed or run, by build_id: what a cancel
         # message for it reaches. One subscription to every job's cancel subject, for the
         # runner's life, rather than one per job (a subscription, its task and an
@@ -118,23 +119,27 @@ class Worker:
         self._cancel_sub = await self._nc.subscribe(
             self._settings.subjects.cancel_all, cb=self._on_cancel
         )
-        self._subs = [
-            await dispatch.subscribe(self._js, self._settings, self._registry.arch, kind)
-            for kind in self._registry.kinds
-        ]
+        await self._ensure_consumers()
+
+    async def _ensure_consumers(self) -> None:
+        self._consumers = await dispatch.ensure_consumers(
+            self._js, self._settings, self._registry.arch, list(self._registry.kinds)
+        )
 
     async def run(self) -> None:
-        if not self._subs:
+        if not self._consumers:
             await self.subscribe()
-        subs = self._subs
-        puller = dispatch.Puller(subs, FETCH_TIMEOUT_S)
+        puller = dispatch.Puller(self._nc, self._consumers, FETCH_TIMEOUT_S)
         try:
             while not self.stopping:
                 try:
                     msgs = await puller.next()
-                except (NatsError, TimeoutError) as exc:
+                except (NatsError, TimeoutError, pull.ConsumerGone) as exc:
                     log.warning("fetch failed", extra={"error": repr(exc)})
                     await asyncio.sleep(FETCH_TIMEOUT_S)  # backoff while NATS is away
+                    if isinstance(exc, pull.ConsumerGone):
+                        # Deleted (or lost with the NATS store): made again, same name.
+                        await _quietly(self._ensure_consumers(), "make dispatch consumers")
                     continue
                 for msg in msgs:
                     try:
@@ -150,14 +155,12 @@ class Worker:
             if self._drain_timer is not None:
                 self._drain_timer.cancel()
             await puller.close()
-            for sub in subs:
-                await _quietly(sub.unsubscribe(), "unsubscribe")
             if self._cancel_sub is not None:
                 await _quietly(self._cancel_sub.unsubscribe(), "unsubscribe")
             if self._removals:
                 await asyncio.gather(*self._removals, return_exceptions=True)
 
-    async def _handle(self, msg: Msg) -> None:
+    async def _handle(self, msg: pull.Delivery) -> None:
         if self.stopping:
             await msg.nak()  # hand it back at once, another runner takes it
             return

@@ -29,9 +29,8 @@ from services.common.config import Settings
 from services.common.metrics import reject, serve_metrics, stream_seq_of
 
 # The gateway's cheap build ID of a delivery; it would sit better in services/common.
-from services.common.pull import stream_seq
+from services.common.pull import Delivery, PullReader, stream_seq
 from services.scheduler.effects import Effect, PublishEvent
-from services.scheduler.inputs import Inputs
 from services.scheduler.leader import Lease, NotLeader
 from services.scheduler.machine import Limits, Machine
 from services.scheduler.metrics import ADMITTED, CLAIMS, LEADER, TAKEOVERS
@@ -83,7 +82,7 @@ class Scheduler:
         self.stopping = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
         # The input readers by consumer name (`_puller`).
-        self._pulls: dict[str, Inputs] = {}
+        self._pulls: dict[str, PullReader] = {}
         self._subs: list[Any] = []
         self._needs_reload = False
         self.registry_view = RegistryView(3 * settings.heartbeat_s, settings.subjects)
@@ -231,12 +230,12 @@ class Scheduler:
         return int(info.ack_floor.stream_seq) if info.ack_floor else 0
 
     # --- inputs ---------------------------------------------------------------------------
-    def _reject(self, msg: Msg, error: Exception) -> None:
+    def _reject(self, msg: Msg | Delivery, error: Exception) -> None:
         subjects = self.settings.subjects
         reject("scheduler", subjects, msg.subject, error, stream_seq=stream_seq_of(msg))
 
-    async def _puller(self, stream: str, durable: str, subject: str) -> Inputs:
-        """A started `Inputs` on an input's durable consumer, created if missing (an
+    async def _puller(self, stream: str, durable: str, subject: str) -> PullReader:
+        """A started `PullReader` on an input's durable consumer, created if missing (an
         existing one keeps its settings); kept in `_pulls` for `stand_down` to stop."""
         try:
             await self.js.consumer_info(stream, durable)
@@ -252,16 +251,16 @@ class Scheduler:
                 await self.js.add_consumer(stream, config)
             except BadRequestError:
                 await self.js.consumer_info(stream, durable)  # made meanwhile: fine
-        puller = Inputs(self.nc, stream, durable, FETCH_BATCH, FETCH_TIMEOUT_S)
+        puller = PullReader(self.nc, stream, durable, batch=FETCH_BATCH, expires_s=FETCH_TIMEOUT_S)
         await puller.start()
         self._pulls[durable] = puller
         return puller
 
     async def _pull_loop(
-        self, spec: tuple[str, str, str], handle: Callable[[list[Msg]], Any]
+        self, spec: tuple[str, str, str], handle: Callable[[list[Delivery]], Any]
     ) -> None:
-        """Inputs in batches, from `inputs.Inputs` (why not nats-py's `fetch`: there)."""
-        puller: Inputs | None = self._pulls[spec[1]]
+        """Inputs in batches, from `pull.PullReader` (why not nats-py's `fetch`: there)."""
+        puller: PullReader | None = self._pulls[spec[1]]
         while not self.stopping.is_set():
             try:
                 if puller is None:
@@ -287,10 +286,10 @@ class Scheduler:
                     with contextlib.suppress(Exception):
                         await msg.nak(delay=1)
 
-    async def _on_submissions(self, msgs: list[Msg]) -> None:
+    async def _on_submissions(self, msgs: list[Delivery]) -> None:
         """A fetched batch of submissions: admitted together (`_decide_all`), each acked
         once its own effects are done, naked (to come back) otherwise."""
-        valid: list[tuple[Msg, int, dict[str, Any]]] = []
+        valid: list[tuple[Delivery, int, dict[str, Any]]] = []
         for msg in msgs:
             build_id = stream_seq(msg)
             try:
@@ -324,8 +323,8 @@ class Scheduler:
             else:
                 await msg.nak(delay=1)
 
-    async def _on_reports(self, msgs: list[Msg]) -> None:
-        valid: list[tuple[Msg, dict[str, Any]]] = []
+    async def _on_reports(self, msgs: list[Delivery]) -> None:
+        valid: list[tuple[Delivery, dict[str, Any]]] = []
         for msg in msgs:
             try:
                 valid.append((msg, schemas.decode("report", msg.data)))

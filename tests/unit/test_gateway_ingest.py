@@ -1,5 +1,6 @@
 """Ingestion's pure part: a delivery checked against its schema and subject, and what the
-Puller reads from nats-py's raw deliveries (stream sequence, status messages)."""
+reader (`pull.PullReader`) reads from nats-py's raw deliveries (stream sequence, status
+messages)."""
 
 from __future__ import annotations
 
