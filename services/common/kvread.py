@@ -12,7 +12,8 @@ outside the stack: 3 keys written every 5 ms, 300 reads each, 5-11 incomplete wi
 watcher (and with a consumer of our own counted the same way).
 
 Here no consumer is involved: the stream's subject list (stream info with a subjects
-filter, one request) names every key that has a message now, and each key's latest entry
+filter, in pages of the server's limit, 100,000 subjects) names every key that has a
+message now, and each key's latest entry
 is read with a KV get. A key written meanwhile is read at its newer revision; one deleted
 or expired meanwhile is left out, as it should be; one created after the list is seen by
 the next read (the registry is swept every second; a job record is only created by the
@@ -28,6 +29,8 @@ from typing import Any
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 
+from services.common import codec
+
 # KV gets in flight at once (a takeover reads every active job's record).
 CONCURRENT_GETS = 256
 
@@ -39,12 +42,31 @@ class Entry:
     value: bytes
 
 
+async def stream_subjects(js: JetStreamContext, stream: str, subjects_filter: str) -> list[str]:
+    """Every subject of `stream` matching `subjects_filter` that holds a message now.
+
+    The server lists at most 100,000 subjects per stream info answer and says how many
+    there are in all (`total`); nats-py's `stream_info` reads only the first page, so a
+    bucket past that size would be read incompletely without a word. Here every page is
+    asked for, by offset."""
+    names: list[str] = []
+    while True:
+        request = {"subjects_filter": subjects_filter, "offset": len(names)}
+        answer = await js._api_request(
+            f"{js._prefix}.STREAM.INFO.{stream}", codec.dumps(request), timeout=js._timeout
+        )
+        page = (answer.get("state") or {}).get("subjects") or {}
+        names += page
+        if not page or len(names) >= int(answer.get("total") or 0):
+            # A subject may move between pages while messages are written: once each.
+            return list(dict.fromkeys(names))
+
+
 async def latest(js: JetStreamContext, kv: Any, bucket: str, keys: str = ">") -> list[Entry]:
     """The latest value of every live key of `bucket` (the KeyValue `kv`) matching `keys`
     (a subject pattern), by revision."""
     prefix = f"$KV.{bucket}."
-    info = await js.stream_info(f"KV_{bucket}", subjects_filter=prefix + keys)
-    names = [subject[len(prefix) :] for subject in (info.state.subjects or {})]
+    names = [s[len(prefix) :] for s in await stream_subjects(js, f"KV_{bucket}", prefix + keys)]
 
     async def get(key: str) -> Entry | None:
         try:

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import nats
 import pytest
 from nats.aio.client import Client
+from nats.js.api import StorageType, StreamConfig
 
 from services.common import bus, kvread
 from services.common.config import Settings
@@ -73,3 +74,20 @@ async def test_no_key_is_missed_while_keys_are_written(nc: Client, settings: Set
         stop.set()
         await asyncio.gather(*writers)
         await writer.close()
+
+
+async def test_subjects_past_the_servers_page_limit_are_all_listed(nc: Client) -> None:
+    # The server lists 100,000 subjects per answer; one more page must be asked for.
+    js = nc.jetstream(publish_async_max_pending=4000)
+    count = 100_050
+    await js.add_stream(
+        StreamConfig(name="MANY_SUBJECTS", subjects=["many.>"], storage=StorageType.MEMORY)
+    )
+    for i in range(count):
+        await js.publish_async(f"many.k{i}", b"x")
+    await js.publish_async_completed()
+    first_page = await js.stream_info("MANY_SUBJECTS", subjects_filter="many.>")
+    assert len(first_page.state.subjects or {}) < count  # what nats-py alone would see
+    names = await kvread.stream_subjects(js, "MANY_SUBJECTS", "many.>")
+    assert len(names) == count
+    assert set(names) == {f"many.k{i}" for i in range(count)}
