@@ -3,7 +3,9 @@
 
 Beside the total, where the time goes, from the job's own timestamps (ms resolution, wall
 clock): queued (submitted → started), running (started → finished) and delivery
-(finished → received on /ws)."""
+(finished → received on /ws). And the CPU each process spent per job over the measured
+jobs (`bench.throughput.JobCpu`): at 20 jobs/s the machine is mostly idle, but within one
+job's few milliseconds the processes it crosses wait for each other's CPU on two cores."""
 
 from __future__ import annotations
 
@@ -12,9 +14,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import asyncpg
+
+from bench.ingest import _postgres_root
 from bench.report import Result, percentile
 from bench.stack import Servers, noop_modules, running_stack
 from bench.submit import Submitter, noop_job
+from bench.throughput import JobCpu
 from bench.ws_watch import FinalWatcher
 from services.common.timefmt import parse_time
 
@@ -46,6 +52,11 @@ async def run(servers: Servers, size: int) -> Result:
             for n in range(WARMUP):
                 build_id, _, _ = await http.submit(noop_job(n))
                 await watcher.wait_all({build_id}, timeout=30)
+            conn = await asyncpg.connect(bench.settings.database_url)
+            try:
+                cpu = JobCpu(bench, await _postgres_root(conn))
+            finally:
+                await conn.close()
             sent: dict[int, float] = {}
             answered: list[float] = []
 
@@ -64,6 +75,7 @@ async def run(servers: Servers, size: int) -> Result:
                 tasks.append(asyncio.create_task(one(n)))
             await asyncio.gather(*tasks)
             missing = await watcher.wait_all(set(sent), timeout=60)
+            shares = cpu.ms_per_job(size)
             if missing:
                 bench.keep = True
     latencies = [
@@ -94,6 +106,7 @@ async def run(servers: Servers, size: int) -> Result:
             "delivery_p50_ms": percentile(delivery, 50),
             "failed": failed,
             "missing": len(missing),
+            **shares,
         }
     )
     if missing:

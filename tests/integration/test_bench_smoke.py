@@ -19,8 +19,14 @@ from services.common.config import REPO_ROOT
 
 EXPECTED: dict[str, tuple[str, ...]] = {
     "ingest": ("events_per_s", "stored_events", "missing"),
-    "latency": ("latency_p50_ms", "latency_p99_ms", "failed", "missing"),
-    "throughput": ("jobs_per_s", "succeeded", "missing"),
+    "latency": ("latency_p50_ms", "latency_p99_ms", "runners_cpu_ms_per_job", "failed", "missing"),
+    "throughput": (
+        "jobs_per_s",
+        "succeeded",
+        "runners_cpu_ms_per_job",
+        "total_cpu_ms_per_job",
+        "missing",
+    ),
     "fanout": ("delivery_p99_ms", "gateway_rss_peak_mb", "missed", "out_of_order"),
     "logs": ("mb_per_s", "exit_to_last_byte_ms", "gaps", "missing"),
     "resync": ("first_page_p99_ms", "filtered_p99_ms", "wrong_answers", "missing"),
