@@ -1,6 +1,7 @@
 """Running one claimed job: executor commands in order in its work dir, output to the log
-stream, and the stop paths (cancel, timeout, drain). Returns how it ended; the caller
-reports it (and removes the work dir)."""
+stream, and the stop paths (cancel, timeout, drain); then the executor's `after_run`, which
+the stop does not cut short. Returns how it ended; the caller reports it (and removes the
+work dir)."""
 
 from __future__ import annotations
 
@@ -82,19 +83,56 @@ async def _run(
         job.timeout_s, stop.stop, Reason.TIMEOUT, f"timeout of {job.timeout_s}s reached"
     )
     try:
-        for command in commands:
-            if stop.requested:
-                # Stopped between two commands (or before the first): nothing to kill.
-                await logs.note(f"[xoogify] {stop.why}: not starting {command.title!r}")
-                return Outcome(reason=stop.reason)
-            exit_code, stopped = await _run_command(command, path, settings, stop, logs)
-            if stopped:
-                return Outcome(reason=stop.reason)
-            if exit_code != 0:
-                return Outcome(exit_code=exit_code)
+        outcome = await _run_commands(commands, path, settings, stop, logs)
     finally:
         timer.cancel()
+    try:
+        await executor.after_run(job, path, commands, os.environ, _After(path, settings, logs))
+    except Exception as exc:
+        # The job ended as `outcome` says, whatever became of what it left.
+        log.exception("after_run failed", extra={"build_id": job.build_id})
+        await logs.note(f"[xoogify] internal error in the runner after the run: {exc!r}")
+    return outcome
+
+
+async def _run_commands(
+    commands: list[Command], path: Path, settings: Settings, stop: StopRequest, logs: LogStream
+) -> Outcome:
+    for command in commands:
+        if stop.requested:
+            # Stopped between two commands (or before the first): nothing to kill.
+            await logs.note(f"[xoogify] {stop.why}: not starting {command.title!r}")
+            return Outcome(reason=stop.reason)
+        exit_code, stopped = await _run_command(command, path, settings, stop, logs)
+        if stopped:
+            return Outcome(reason=stop.reason)
+        if exit_code != 0:
+            return Outcome(exit_code=exit_code)
     return Outcome(exit_code=0)
+
+
+class _After:
+    """executors.base.AfterRun: commands after the job's own, which its stop (asked
+    already, maybe: a cancelled apply) must not interrupt; each has its own time limit."""
+
+    def __init__(self, path: Path, settings: Settings, logs: LogStream) -> None:
+        self._path, self._settings, self._logs = path, settings, logs
+
+    async def note(self, text: str) -> None:
+        await self._logs.note(text)
+
+    async def run(self, command: Command, limit_s: float) -> int | None:
+        own = StopRequest()
+        timer = asyncio.get_running_loop().call_later(
+            limit_s, own.stop, Reason.TIMEOUT, f"{command.title!r} ran over {limit_s:g}s"
+        )
+        try:
+            exit_code, stopped = await _run_command(
+                command, self._path, self._settings, own, self._logs
+            )
+        finally:
+            timer.cancel()
+        return None if stopped else exit_code
 
 
 async def _run_command(

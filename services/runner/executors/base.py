@@ -3,7 +3,9 @@ work dir, and the child's environment built from nothing (never the runner's own
 
 An executor turns a job plus a work dir holding a fresh copy of the module into a list of
 commands; the runner runs them in order and stops at the first that fails. A terraform
-executor fits the same shape (init, then plan/apply/destroy).
+executor fits the same shape (init, then plan/apply/destroy). Once they have ended, however
+(failed, stopped, timed out), the executor may save what the run left in the work dir
+before the work dir is removed (`after_run`: Terraform's errored.tfstate).
 """
 
 from __future__ import annotations
@@ -32,6 +34,20 @@ class Command:
     title: str
 
 
+class AfterRun(Protocol):
+    """What `Executor.after_run` may do with the job's log and processes."""
+
+    async def note(self, text: str) -> None:
+        """A line of the runner's own in the job's log."""
+        ...
+
+    async def run(self, command: Command, limit_s: float) -> int | None:
+        """Run `command` in the work dir, output to the log; the job's stop (already asked,
+        maybe) does not reach it, `limit_s` does. Its exit code, None if the limit
+        stopped it."""
+        ...
+
+
 class Executor(Protocol):
     kind: str
 
@@ -39,6 +55,18 @@ class Executor(Protocol):
         self, job: Job, workdir: Path, settings: Settings, host_env: Mapping[str, str]
     ) -> list[Command]:
         """The commands that run `job` in `workdir`; raise InvalidModule if it cannot run."""
+        ...
+
+    async def after_run(
+        self,
+        job: Job,
+        workdir: Path,
+        commands: list[Command],
+        host_env: Mapping[str, str],
+        after: AfterRun,
+    ) -> None:
+        """Once `commands` have ended, however, and before `workdir` is removed: save what
+        the run left there that must not be lost. Never changes how the job ended."""
         ...
 
 

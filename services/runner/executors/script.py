@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from services.common.config import Settings
-from services.runner.executors.base import Command, InvalidModule, base_env
+from services.runner.executors.base import AfterRun, Command, InvalidModule, base_env
 from services.runner.job import Job
 
 MODULE_FILE = "module.toml"
@@ -52,3 +52,13 @@ class ScriptExecutor:
         command = command_for(read_script_table(workdir), job.action)
         env = script_env(job, host_env)
         return [Command(argv=["/bin/sh", "-c", command], env=env, title=command)]
+
+    async def after_run(
+        self,
+        job: Job,
+        workdir: Path,
+        commands: list[Command],
+        host_env: Mapping[str, str],
+        after: AfterRun,
+    ) -> None:
+        """A script keeps nothing in its work dir that the runner must save."""
