@@ -46,6 +46,7 @@ WINDOW = 4000
 WRONG_LAST_SEQUENCE = (10071, 10164)
 _NO_RESPONDERS = "503"
 _EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
+_KV_DELETE = {"KV-Operation": "DEL"}
 
 
 class Ack(NamedTuple):
@@ -219,6 +220,10 @@ class JsPublisher:
                 raise KeyWrongLastSequenceError(description=exc.description) from exc
             raise
         return ack.seq
+
+    async def delete(self, subject: str, timeout: float | None = None) -> None:
+        """A KV delete (`kv.delete` without `last`): the key's delete marker."""
+        await self.publish(subject, b"", timeout, _KV_DELETE)
 
     def _on_raw(self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
         self._resolve(subject, data, status_of(headers))

@@ -1,6 +1,7 @@
 """`JsPublisher` against a real nats-server: the same acks and the same errors as nats-py's
 `js.publish` (duplicates, a lost compare-and-set, no stream), a timeout when nothing
-answers, many publishes in flight, and publishing again after the server restarted."""
+answers, many publishes in flight, publishing again after the server restarted, and the
+scheduler's record writes (`JobStore`) through it."""
 
 from __future__ import annotations
 
@@ -13,12 +14,19 @@ import pytest
 from nats.aio.client import Client
 from nats.errors import ConnectionClosedError
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.errors import APIError, KeyWrongLastSequenceError, NoStreamResponseError
+from nats.js.errors import (
+    APIError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NoStreamResponseError,
+)
 
-from services.common import bus
+from services.common import bus, codec
 from services.common.embedded import EmbeddedNats
 from services.common.jspub import Ack, JsPublisher, kv_subject
 from services.common.pull import RAW_ROUTING
+from services.common.subjects import Subjects
+from services.scheduler.store import JobStore
 
 STREAM = "JSPUB_TEST"
 BUCKET = "jspub-test"
@@ -166,3 +174,24 @@ async def test_publishing_goes_on_after_a_server_restart(
     finally:
         await publisher.close()
         await nc.close()
+
+
+async def test_the_scheduler_s_record_writes_through_it(nc: Client, pub: JsPublisher) -> None:
+    subjects = Subjects("jspub")
+    kv = await bus.ensure_kv(nc.jetstream(), subjects.sched_bucket)
+    store = JobStore(kv, nc.jetstream(), pub, subjects)
+    await store.save(1, {"v": 1})  # create
+    await store.save(1, {"v": 2})  # compare-and-set on the revision it got
+    assert (await kv.get("job.1")).revision == store.revisions[1]
+    await store.delete(1)
+    with pytest.raises(KeyNotFoundError):  # what kv.get says of a deleted key
+        await kv.get("job.1")
+    await store.save(1, {"v": 3})  # a create over the delete marker
+    assert codec.loads((await kv.get("job.1")).value) == {"v": 3}
+    await kv.put("job.1", b"{}")  # another writer
+    with pytest.raises(KeyWrongLastSequenceError):
+        await store.save(1, {"v": 4})
+    store.revisions.pop(1)
+    with pytest.raises(KeyWrongLastSequenceError):
+        await store.save(1, {"v": 5})  # a create of a live key
+    assert (await kv.get("job.1")).value == b"{}"
