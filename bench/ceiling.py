@@ -16,10 +16,12 @@ from bench.job_events import job_event
 from bench.report import Result
 from bench.stack import Servers, running_stack
 from services.common import codec
+from services.common.jspub import JsPublisher
 
 DEFAULT = 150_000
 TINY = 3_000
 INGEST_MAX = 30_000  # the ingest run beside it: enough for a steady rate
+AWAITED = 5_000  # publishes awaited one at a time, per client
 
 
 async def core_pub_sub(url: str, count: int, payload: bytes) -> float:
@@ -48,16 +50,49 @@ async def core_pub_sub(url: str, count: int, payload: bytes) -> float:
         await sub_nc.close()
 
 
-async def js_publish(url: str, count: int, payload: bytes) -> float:
+async def js_publish(url: str, count: int, payload: bytes) -> dict[str, float]:
+    """JetStream publish with acks through nats-py and through `JsPublisher`: the
+    pipelined rate, and this process's CPU per publish (steadier than rates on a shared
+    machine), pipelined and one awaited publish at a time (`AWAITED` of them)."""
     nc = await nats.connect(url)
     try:
         js = nc.jetstream(publish_async_max_pending=4000)
         await js.add_stream(name="BENCH_CEILING", subjects=["bench.js"])
-        start = time.perf_counter()
-        futures = [await js.publish_async("bench.js", payload) for _ in range(count)]
-        for future in futures:
-            await future
-        return count / (time.perf_counter() - start)
+        pub = JsPublisher(nc)
+        await pub.start()
+
+        async def nats_py_pipelined() -> None:
+            futures = [await js.publish_async("bench.js", payload) for _ in range(count)]
+            for future in futures:
+                await future
+
+        async def jspub_pipelined() -> None:
+            futures = [await pub.send("bench.js", payload) for _ in range(count)]
+            for future in futures:
+                await future
+
+        async def nats_py_awaited() -> None:
+            for _ in range(AWAITED):
+                await js.publish("bench.js", payload)
+
+        async def jspub_awaited() -> None:
+            for _ in range(AWAITED):
+                await pub.publish("bench.js", payload)
+
+        figures: dict[str, float] = {}
+        for name, run, n in (
+            ("js_publish_async", nats_py_pipelined, count),
+            ("jspub_send", jspub_pipelined, count),
+            ("js_publish", nats_py_awaited, AWAITED),
+            ("jspub_publish", jspub_awaited, AWAITED),
+        ):
+            cpu, start = time.process_time(), time.perf_counter()
+            await run()
+            wall = time.perf_counter() - start
+            figures[f"{name}_cpu_us"] = (time.process_time() - cpu) / n * 1e6
+            figures[f"{name}_msgs_per_s"] = n / wall
+        await pub.close()
+        return figures
     finally:
         await nc.close()
 
@@ -104,7 +139,8 @@ async def run(servers: Servers, size: int) -> Result:
     async with running_stack(servers) as bench:
         url, db = bench.settings.nats_url, bench.settings.database_url
         core = await core_pub_sub(url, size, payload)
-        jsp = await js_publish(url, size, payload)
+        publishing = await js_publish(url, size, payload)
+        jsp = publishing["js_publish_async_msgs_per_s"]
         copy_rate, many_rate = await postgres_rates(db, size, event)
         ingest_size = min(size, INGEST_MAX)
         measured = await ingest.measure(bench, ingest_size - ingest_size % 3)
@@ -114,6 +150,7 @@ async def run(servers: Servers, size: int) -> Result:
             "messages": size,
             "nats_core_msgs_per_s": core,
             "js_publish_acked_msgs_per_s": jsp,
+            **{k: v for k, v in publishing.items() if k != "js_publish_async_msgs_per_s"},
             "pg_copy_rows_per_s": copy_rate,
             "pg_executemany_rows_per_s": many_rate,
             "ingest_events": measured["events"],

@@ -32,6 +32,7 @@ from bench.job_events import LIFE, job_event, publish
 from bench.report import Result
 from bench.stack import BenchStack, Servers, cpu_s, rss_mb, running_stack
 from services.common import bus, codec
+from services.common.jspub import JsPublisher
 
 DEFAULT = 1_000
 TINY = 10
@@ -251,11 +252,12 @@ async def _publish(bench: BenchStack, expected: int, published: dict[int, float]
     """Publish `expected` updates at RATE/s in 10 ms ticks, noting the wall-clock time of
     each by its stream sequence; return the duration."""
     nc = await bus.connect(bench.settings, "bench-fanout")
-    js = nc.jetstream()
+    pub = JsPublisher(nc)
     per_tick = max(1, int(RATE * TICK_S))
     pending: list[tuple[float, Any]] = []
     start = time.perf_counter()
     try:
+        await pub.start()
         n = 0
         while n < expected:
             delay = start + (n / RATE) - time.perf_counter()
@@ -265,12 +267,13 @@ async def _publish(bench: BenchStack, expected: int, published: dict[int, float]
                 build_id, seq = n // 3 + 1, n % 3 + 1
                 event = job_event(build_id, seq, LIFE[seq - 1])
                 at = time.time()
-                pending.append((at, await publish(js, bench.settings.subjects, event)))
+                pending.append((at, await publish(pub, bench.settings.subjects, event)))
                 n += 1
         for at, future in pending:
             published[int((await future).seq)] = at
         return time.perf_counter() - start
     finally:
+        await pub.close()
         await nc.drain()
 
 

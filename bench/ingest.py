@@ -16,6 +16,7 @@ from bench.job_events import interleaved_lives, publish_all
 from bench.report import Result
 from bench.stack import BenchStack, Servers, cpu_s, running_stack
 from services.common import bus
+from services.common.jspub import JsPublisher
 
 DEFAULT = 150_000
 TINY = 300
@@ -110,11 +111,12 @@ async def measure(bench: BenchStack, events: int) -> dict[str, Any]:
     lives = list(interleaved_lives(jobs))
     nc = await bus.connect(bench.settings, "bench-ingest")
     conn = await asyncpg.connect(bench.settings.database_url)
+    pub = JsPublisher(nc)
     try:
-        js = nc.jetstream(publish_async_max_pending=4000)
+        await pub.start()
         cpu = CpuShares(bench, await _postgres_root(conn))
         start = time.perf_counter()
-        last = await publish_all(js, bench.settings.subjects, lives)
+        last = await publish_all(pub, bench.settings.subjects, lives)
         published = time.perf_counter()
         stored_at_publish = await watermark(conn)
         # Generous: a slow run is a figure, only a lost event is a failure.
@@ -127,6 +129,7 @@ async def measure(bench: BenchStack, events: int) -> dict[str, Any]:
         )
     finally:
         await conn.close()
+        await pub.close()
         await nc.drain()
     return {
         "events": len(lives),

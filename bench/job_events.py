@@ -1,14 +1,15 @@
 """Job status events as the scheduler publishes them (schemas/job_event.json), and a fast
-publisher for them: JetStream async publish with `Nats-Msg-Id` `<build_id>-<seq>`."""
+publisher for them: pipelined JetStream publishes (`JsPublisher.send`) with `Nats-Msg-Id`
+`<build_id>-<seq>`."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from nats.js import JetStreamContext
-
 from services.common import codec
+from services.common.jspub import Ack, JsPublisher
 from services.common.subjects import Subjects, event_msg_id
 from services.common.timefmt import now_iso
 
@@ -53,19 +54,21 @@ def interleaved_lives(jobs: int, block: int = 1000, orgs: int = 10) -> Iterator[
                 yield job_event(b, seq, status, org=f"org{b % orgs}", at=at)
 
 
-async def publish(js: JetStreamContext, subjects: Subjects, event: dict[str, Any]) -> Any:
-    """Start publishing one event; returns the future of its PubAck."""
+async def publish(
+    pub: JsPublisher, subjects: Subjects, event: dict[str, Any]
+) -> asyncio.Future[Ack]:
+    """Start publishing one event; returns the future of its Ack."""
     subject = subjects.event(event["organization"], event["environment"], event["build_id"])
     headers = {"Nats-Msg-Id": event["event_id"]}
-    return await js.publish_async(subject, codec.dumps(event), headers=headers)
+    return await pub.send(subject, codec.dumps(event), headers)
 
 
 async def publish_all(
-    js: JetStreamContext, subjects: Subjects, events: Iterable[dict[str, Any]]
+    pub: JsPublisher, subjects: Subjects, events: Iterable[dict[str, Any]]
 ) -> int:
-    """Publish everything (at most the client's pending window unacked); return the
-    highest stream sequence acknowledged."""
-    futures = [await publish(js, subjects, e) for e in events]
+    """Publish everything (at most the publisher's window unacked); return the highest
+    stream sequence acknowledged."""
+    futures = [await publish(pub, subjects, e) for e in events]
     last = 0
     for future in futures:
         ack = await future

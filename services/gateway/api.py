@@ -102,7 +102,7 @@ async def submit_job(request: Request) -> Response:
     headers = {"Nats-Msg-Id": f"{body['organization']}:{key}"} if key else None
     try:
         ack = await sealing.publish_submission(
-            ctx.js, ctx.settings, ctx.keys, message, hidden, headers
+            ctx.js, ctx.pub, ctx.settings, ctx.keys, message, hidden, headers
         )
         build_id = int(ack.seq)
         if ack.duplicate:

@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.common import bus
 from services.common.config import WEB_DIR, Settings
+from services.common.jspub import JsPublisher
 from services.gateway import (
     api,
     db,
@@ -103,7 +104,10 @@ class Running:
         self.nc = await _connect_nats(settings, gateway_id)
         app.state.nc = self.nc  # /readyz reports NATS while Postgres is still awaited
         self.pool = await _connect_postgres(settings)
-        ctx = GatewayContext(settings, gateway_id, self.pool, self.nc, self.nc.jetstream(), keys)
+        pub = JsPublisher(self.nc)
+        await pub.start()
+        js = self.nc.jetstream()
+        ctx = GatewayContext(settings, gateway_id, self.pool, self.nc, js, keys, pub)
         self.ingestors = [Ingestor(ctx, "events"), Ingestor(ctx, "logs")]
         self.tasks = [asyncio.create_task(i.run(), name=f"ingest-{i.kind}") for i in self.ingestors]
         self.tasks.append(
@@ -138,6 +142,8 @@ class Running:
             _, pending = await asyncio.wait(self.tasks, timeout=5)
             for task in pending:
                 task.cancel()
+        if self.ctx is not None:
+            await self.ctx.pub.close()
         if self.nc is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.nc.drain(), 5)

@@ -1,5 +1,6 @@
 """What every part of the gateway shares: settings, the Postgres pool, the NATS connection
-and the websocket hub. Built once in the app's lifespan, kept on `app.state.ctx`."""
+(and its JetStream publisher) and the websocket hub. Built once in the app's lifespan, kept
+on `app.state.ctx`."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from nats.js import JetStreamContext
 from starlette.requests import HTTPConnection
 
 from services.common.config import Settings
+from services.common.jspub import JsPublisher
 
 if TYPE_CHECKING:
     from services.gateway.hub import Hub
@@ -26,6 +28,7 @@ class GatewayContext:
     nc: Client
     js: JetStreamContext
     keys: GatewayKeys
+    pub: JsPublisher
     hub: Hub | None = None
 
 

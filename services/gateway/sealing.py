@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from nats.js import JetStreamContext
-from nats.js.api import PubAck
 from nats.js.errors import APIError
 
 from services.common import codec, crypto
 from services.common.config import Settings
+from services.common.jspub import Ack, JsPublisher
 from services.gateway.errors import ApiError
 
 MASK = "***"
@@ -55,23 +55,24 @@ def split(
 
 async def publish_submission(
     js: JetStreamContext,
+    pub: JsPublisher,
     settings: Settings,
     keys: GatewayKeys,
     message: dict[str, Any],
     hidden: Mapping[str, str],
     headers: dict[str, str] | None,
-) -> PubAck:
+) -> Ack:
     """Publish `message` on the submit subject; with sensitive values, their sealed form
     rides along as `secrets`, bound to the build ID the message is stored under."""
     subjects = settings.subjects
     if not hidden:
-        return await js.publish(subjects.submit, codec.dumps(message), headers=headers)
+        return await pub.publish(subjects.submit, codec.dumps(message), headers=headers)
     for _ in range(_ATTEMPTS):
         last = (await js.stream_info(subjects.submit_stream)).state.last_seq
         sealed = keys.sealer.seal(hidden, crypto.Binding.of(last + 1, message))
         expect = {**(headers or {}), "Nats-Expected-Last-Sequence": str(last)}
         try:
-            return await js.publish(
+            return await pub.publish(
                 subjects.submit, codec.dumps({**message, "secrets": sealed}), headers=expect
             )
         except APIError as exc:

@@ -11,10 +11,9 @@ import logging
 import os
 from pathlib import Path
 
-from nats.js import JetStreamContext
-
 from services.common import crypto
 from services.common.config import Settings
+from services.common.jspub import JsPublisher
 from services.common.status import Reason
 from services.runner import process
 from services.runner.control import StopRequest
@@ -32,7 +31,7 @@ PUMP_DRAIN_S = 5.0
 
 
 async def execute(
-    js: JetStreamContext, settings: Settings, job: Job, stop: StopRequest, workdir: WorkDir
+    pub: JsPublisher, settings: Settings, job: Job, stop: StopRequest, workdir: WorkDir
 ) -> Outcome:
     """Run `job` in `workdir` to its end and return the outcome; the log's eof chunk is
     acked by then."""
@@ -43,7 +42,7 @@ async def execute(
     except crypto.SecretsError as exc:
         sealed_error = str(exc)
     stream = LogStream(
-        js,
+        pub,
         settings.subjects.log(job.build_id),
         job.build_id,
         job.attempt,

@@ -12,9 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from nats.js import JetStreamContext
-
 from services.common import codec
+from services.common.jspub import JsPublisher
 from services.runner.counters import LOG_BYTES
 from services.runner.logpipe import Chunk, LogPipe
 from services.runner.logtext import CHUNK_BYTES
@@ -26,7 +25,7 @@ FLUSH_INTERVAL_S = 0.1
 class LogStream:
     def __init__(
         self,
-        js: JetStreamContext,
+        pub: JsPublisher,
         subject: str,
         build_id: int,
         attempt: int,
@@ -35,7 +34,7 @@ class LogStream:
         chunk_bytes: int = CHUNK_BYTES,
         flush_interval_s: float = FLUSH_INTERVAL_S,
     ) -> None:
-        self._js = js
+        self._pub = pub
         self._subject = subject
         self._build_id = build_id
         self._attempt = attempt
@@ -92,7 +91,7 @@ class LogStream:
         # The msg id makes a retried publish (ack lost, NATS blip) one chunk in the stream.
         msg_id = f"log-{self._build_id}-{self._attempt}-{chunk.offset}-{int(chunk.eof)}"
         await publish_until_acked(
-            self._js, self._subject, codec.dumps(payload), {"Nats-Msg-Id": msg_id}
+            self._pub, self._subject, codec.dumps(payload), {"Nats-Msg-Id": msg_id}
         )
         LOG_BYTES.inc(len(chunk.data.encode()))
 

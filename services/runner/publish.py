@@ -7,13 +7,14 @@ import asyncio
 import logging
 
 from nats.errors import Error as NatsError
-from nats.js import JetStreamContext
+
+from services.common.jspub import JsPublisher
 
 log = logging.getLogger(__name__)
 
 
 async def publish_until_acked(
-    js: JetStreamContext,
+    pub: JsPublisher,
     subject: str,
     payload: bytes,
     headers: dict[str, str] | None = None,
@@ -25,7 +26,7 @@ async def publish_until_acked(
     backoff = 0.1
     while True:
         try:
-            await js.publish(subject, payload, timeout=timeout_s, headers=headers)
+            await pub.publish(subject, payload, timeout=timeout_s, headers=headers)
             return
         except (NatsError, TimeoutError) as exc:
             extra = {"subject": subject, "error": repr(exc)}

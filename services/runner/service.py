@@ -20,6 +20,7 @@ from nats.errors import Error as NatsError
 from services.common import bus, crypto
 from services.common.children import forbid_inspection
 from services.common.config import Settings
+from services.common.jspub import JsPublisher
 from services.common.metrics import serve_metrics
 from services.runner import process
 from services.runner.executors import EXECUTORS
@@ -141,12 +142,15 @@ class RunnerService:
 
     async def serve(self) -> None:
         nc = await bus.connect(self.settings, f"runner {self.runner_id}")
+        pub = JsPublisher(nc)
         try:
-            await self._serve(nc)
+            await pub.start()
+            await self._serve(nc, pub)
         finally:
+            await pub.close()
             await _drain(nc)
 
-    async def _serve(self, nc: Client) -> None:
+    async def _serve(self, nc: Client, pub: JsPublisher) -> None:
         settings = self.settings
         js = nc.jetstream()
         await bus.ensure_streams(js, settings)
@@ -160,7 +164,7 @@ class RunnerService:
             kv, self.runner_id, self.arch, self.kinds, self.labels, settings.heartbeat_s
         )
         await registry.put()
-        worker = Worker(nc, js, settings, registry, self.drain_timeout_s, self.work_root)
+        worker = Worker(nc, js, pub, settings, registry, self.drain_timeout_s, self.work_root)
         await worker.subscribe()
         registry.on_written_off = worker.written_off
         self._registry, self._worker = registry, worker

@@ -22,6 +22,7 @@ from nats.js import JetStreamContext
 
 from services.common import codec, pull, schemas
 from services.common.config import Settings
+from services.common.jspub import JsPublisher
 from services.common.metrics import reject, stream_seq_of
 from services.common.schemas import SchemaError
 from services.common.status import Reason
@@ -49,6 +50,7 @@ class Worker:
         self,
         nc: Client,
         js: JetStreamContext,
+        pub: JsPublisher,
         settings: Settings,
         registry: Registry,
         drain_timeout_s: float,
@@ -56,6 +58,7 @@ class Worker:
     ) -> None:
         self._nc = nc
         self._js = js
+        self._pub = pub
         self._settings = settings
         self._registry = registry
         self._drain_timeout_s = drain_timeout_s
@@ -277,7 +280,7 @@ class Worker:
         self._registry.announce("busy", job.build_id)
         log.info("job started", extra={"build_id": job.build_id, "module_name": job.module_name})
         try:
-            outcome = await execute(self._js, self._settings, job, stop, workdir)
+            outcome = await execute(self._pub, self._settings, job, stop, workdir)
         finally:
             self._current = None
             # In a worker thread while the report's round trip is awaited: neither the
@@ -302,7 +305,7 @@ class Worker:
         schemas.check("report", report)
         headers = {"Nats-Msg-Id": f"report-{job.build_id}-{job.attempt}-{self.runner_id}"}
         await publish_until_acked(
-            self._js, self._settings.subjects.report(self.runner_id), codec.dumps(report), headers
+            self._pub, self._settings.subjects.report(self.runner_id), codec.dumps(report), headers
         )
 
 

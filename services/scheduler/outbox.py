@@ -44,6 +44,7 @@ from nats.js.errors import BadRequestError, NotFoundError
 
 from services.common import codec
 from services.common.config import Settings
+from services.common.jspub import JsPublisher
 from services.scheduler.effects import (
     DeleteJob,
     Dispatch,
@@ -83,12 +84,14 @@ class Outbox:
         settings: Settings,
         nc: Client,
         js: JetStreamContext,
+        pub: JsPublisher,
         store: JobStore,
         fence: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.nc = nc
         self.js = js
+        self.pub = pub
         self.store = store
         # Raises (leader.NotLeader) once this process no longer holds the leader lease;
         # checked before every effect, so a deposed leader stops writing at once.
@@ -186,7 +189,7 @@ class Outbox:
                 subject = s.event(organization, environment, build_id)
                 if repair and await self._last_event_id(subject) == payload["event_id"]:
                     return
-                ack = await self.js.publish(
+                ack = await self.pub.publish(
                     subject,
                     codec.dumps(payload),
                     headers={"Nats-Msg-Id": payload["event_id"]},
@@ -195,7 +198,7 @@ class Outbox:
                     self._event_counter(effect.status).inc()
             case Dispatch(arch, kind, build_id, msg_id, payload):
                 await self.ensure_dispatch_consumer(arch, kind)
-                ack = await self.js.publish(
+                ack = await self.pub.publish(
                     s.dispatch(arch, kind), codec.dumps(payload), headers={"Nats-Msg-Id": msg_id}
                 )
                 machine.note_dispatched(build_id, ack.seq)

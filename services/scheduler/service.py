@@ -26,6 +26,7 @@ from nats.js.errors import BadRequestError, NotFoundError
 
 from services.common import bus, codec, schemas
 from services.common.config import Settings
+from services.common.jspub import JsPublisher
 from services.common.metrics import reject, serve_metrics, stream_seq_of
 
 # The gateway's cheap build ID of a delivery; it would sit better in services/common.
@@ -75,9 +76,11 @@ class Scheduler:
         self.clock = clock
         self.limits = Limits.from_settings(settings)
         self.machine = Machine(self.limits)
-        self.store = JobStore(sched_kv, js, settings.subjects)
+        # One publisher for the connection: record writes, events and dispatches.
+        self.pub = JsPublisher(nc)
+        self.store = JobStore(sched_kv, js, self.pub, settings.subjects)
         self.lease = lease
-        self.outbox = Outbox(settings, nc, js, self.store, lease.check if lease else None)
+        self.outbox = Outbox(settings, nc, js, self.pub, self.store, lease.check if lease else None)
         self.lock = asyncio.Lock()
         self.stopping = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
@@ -94,6 +97,7 @@ class Scheduler:
         """Begin acting (as the leader): take over the stored state, then take inputs."""
         s = self.settings.subjects
         self.stopping = asyncio.Event()
+        await self.pub.start()
         self.machine.runners = await self._read_registry()
         async with self.lock:
             await self._reload()
@@ -145,6 +149,7 @@ class Scheduler:
     async def stop(self) -> None:
         """Stop taking work, let the in-flight input finish its writes, drain NATS."""
         await self.stand_down()
+        await self.pub.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.nc.drain(), STOP_DEADLINE_S / 2)
         log.info("scheduler stopped")

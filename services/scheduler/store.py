@@ -9,8 +9,10 @@ import logging
 from typing import Any
 
 from nats.js import JetStreamContext
+from nats.js.errors import KeyWrongLastSequenceError
 
 from services.common import codec, kvread
+from services.common.jspub import JsPublisher, kv_subject
 from services.common.metrics import reject
 from services.common.subjects import Subjects
 from services.scheduler.jobs import JobRecord
@@ -23,9 +25,12 @@ def job_key(build_id: int) -> str:
 
 
 class JobStore:
-    def __init__(self, kv: Any, js: JetStreamContext, subjects: Subjects | None = None) -> None:
+    def __init__(
+        self, kv: Any, js: JetStreamContext, pub: JsPublisher, subjects: Subjects | None = None
+    ) -> None:
         self.kv = kv
         self.js = js
+        self.pub = pub
         self.subjects = subjects or Subjects()
         self.revisions: dict[int, int] = {}
 
@@ -53,14 +58,19 @@ class JobStore:
     async def save(self, build_id: int, value: dict[str, Any]) -> None:
         data = codec.dumps(value)
         last = self.revisions.get(build_id)
-        if last is None:
+        subject = kv_subject(self.subjects.sched_bucket, job_key(build_id))
+        try:
+            revision = await self.pub.update(subject, data, last=last or 0)
+        except KeyWrongLastSequenceError:
+            if last is not None:
+                raise
+            # A create over a deleted key: kv.create writes over its delete marker (and
+            # raises this again if the key lives).
             revision = await self.kv.create(job_key(build_id), data)
-        else:
-            revision = await self.kv.update(job_key(build_id), data, last=last)
         self.revisions[build_id] = int(revision)
 
     async def delete(self, build_id: int) -> None:
-        await self.kv.delete(job_key(build_id))
+        await self.pub.delete(kv_subject(self.subjects.sched_bucket, job_key(build_id)))
         self.revisions.pop(build_id, None)
 
     async def purge_tombstones(self, older_than_s: int = 30 * 60) -> None:

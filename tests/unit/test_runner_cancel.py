@@ -23,7 +23,7 @@ class Received:
 
 def _worker() -> Worker:
     registry = Registry(None, "runner-t", "amd64", ["script"], {}, 1.0)
-    return Worker(None, None, Settings(), registry, 5.0)  # type: ignore[arg-type]
+    return Worker(None, None, None, Settings(), registry, 5.0)  # type: ignore[arg-type]
 
 
 async def test_a_cancel_stops_the_job_it_names() -> None:

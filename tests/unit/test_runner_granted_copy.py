@@ -44,7 +44,7 @@ class Delivered:
 async def test_a_copy_of_a_granted_dispatch_is_acked_and_never_claimed() -> None:
     registry = Registry(None, "runner-t", "amd64", ["script"], {}, 1.0)
     # No NATS connection: any attempt to claim (subscribe, request) would fail the test.
-    worker = Worker(None, None, Settings(), registry, 5.0)  # type: ignore[arg-type]
+    worker = Worker(None, None, None, Settings(), registry, 5.0)  # type: ignore[arg-type]
     worker._granted[(7, 1)] = None
     msg = Delivered(DISPATCH)
     await worker._handle(msg)  # type: ignore[arg-type]

@@ -33,7 +33,7 @@ def test_silence_beyond_the_ttl_writes_the_job_off() -> None:
 
 def test_worker_stops_its_running_job_as_runner_lost() -> None:
     registry, _ = _registry()
-    worker = Worker(None, None, Settings(), registry, 5.0)  # type: ignore[arg-type]
+    worker = Worker(None, None, None, Settings(), registry, 5.0)  # type: ignore[arg-type]
     worker.written_off("idle: nothing to stop")  # no job: nothing happens
     stop = StopRequest()
     worker._current = stop

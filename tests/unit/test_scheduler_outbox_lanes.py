@@ -31,7 +31,7 @@ def admitted(build_id: int, action: str = "PLAN") -> list[Effect]:
 
 class Recording(Outbox):
     def __init__(self, fail: Effect | None = None) -> None:
-        super().__init__(Settings(), None, None, None)  # type: ignore[arg-type]
+        super().__init__(Settings(), None, None, None, None)  # type: ignore[arg-type]
         self.fail = fail
         self.started: list[Effect] = []
         self.finished: list[Effect] = []
