@@ -129,9 +129,8 @@ class Hub:
         self.rejected = 0
         self.restarts = 0
         self._sub: Any = None
-        # The raw consumer: its route, its name, and the consumer sequence expected next.
+        # The raw consumer's route, and the consumer sequence expected next.
         self._unroute: Any = None
-        self._consumer: str | None = None
         self._next_cseq = 1
         # Restarts one at a time (the watchdog's and a gap's may meet); what the read loop
         # starts (flow-control answers, a restart), held until done.
@@ -179,8 +178,10 @@ class Hub:
             await self._subscribe_ordered()
             return
         self._sub, self._unroute, self._next_cseq = sub, unroute, 1
-        # What nats-py's ordered consumer asks for; an ephemeral consumer goes away by
-        # itself a few seconds after its inbox lost interest (a dead gateway's).
+        # What nats-py's ordered consumer asks for. Like nats-py, a restart does not
+        # delete the old consumer (a request that would wait out its timeout while NATS
+        # is away): an ephemeral consumer goes away by itself a few seconds after its
+        # inbox lost interest.
         config = ConsumerConfig(
             deliver_subject=inbox,
             filter_subject=subjects.events_filter(),
@@ -194,8 +195,7 @@ class Hub:
             num_replicas=1,
             inactive_threshold=5.0,
         )
-        info = await self.ctx.js.add_consumer(subjects.events_stream, config)
-        self._consumer = info.name
+        await self.ctx.js.add_consumer(subjects.events_stream, config)
 
     async def _subscribe_ordered(self) -> None:
         subjects = self.ctx.settings.subjects
@@ -212,16 +212,11 @@ class Hub:
     async def _unsubscribe(self) -> None:
         sub, self._sub = self._sub, None
         unroute, self._unroute = self._unroute, None
-        consumer, self._consumer = self._consumer, None
-        stream = self.ctx.settings.subjects.events_stream
         if unroute is not None:
             unroute()
         if sub is not None:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-        if consumer is not None:
-            with contextlib.suppress(Exception):
-                await self.ctx.js.delete_consumer(stream, consumer)
 
     async def _watch(self) -> None:
         """Restart the consumer when the stream holds events it has not delivered for a
