@@ -39,11 +39,19 @@ _TIME_FIELDS = ("submitted_at", "started_at", "finished_at", "updated_at")
 _SELECT_JOB = "SELECT " + ", ".join(JOB_FIELDS) + ", variables FROM jobs"
 
 # Every filter is a parameter; with plan_cache_mode=force_custom_plan (set on the pool)
-# Postgres drops the `$n IS NULL` branches and uses the matching index.
+# Postgres drops the `$n IS NULL` branches and uses the matching index. No index holds
+# `status` (migration 007: status changes stay HOT updates); a status filter is put as the
+# predicate of a partial index: a final status as `outcome` (the status, once final), an
+# unfinished one ($12) as itself among `outcome IS NULL`, the few jobs not ended yet. A
+# list by status walks those instead of every job looking for them (SUCCESS, most jobs,
+# has no index of its own and is found soon enough that way). Not `status = $3` as well
+# for a final status: Postgres would take the two for independent and expect too few
+# rows to stop early.
 _PAGE_WHERE = """
  WHERE ($1::text IS NULL OR organization = $1)
    AND ($2::text IS NULL OR environment = $2)
-   AND ($3::text IS NULL OR status = $3)
+   AND ($3::text IS NULL OR CASE WHEN $12::bool THEN status = $3 ELSE outcome = $3 END)
+   AND ($12::bool IS NOT TRUE OR outcome IS NULL)
    AND ($4::text IS NULL OR action = $4)
    AND ($5::text IS NULL OR module_type = $5)
    AND ($6::text IS NULL OR module_name = $6)
@@ -126,6 +134,7 @@ def list_params(
         before,
         limit + 1,
         None if scope is None else list(scope),
+        flt.status is not None and not is_final(flt.status),
     )
 
 

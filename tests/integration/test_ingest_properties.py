@@ -119,6 +119,11 @@ async def test_stored_job_is_built_from_its_highest_seq_whatever_the_delivery(
             # A late or repeated event never moves a stored job backwards.
             assert after[build_id]["seq"] >= job["seq"]
             assert RANK[after[build_id]["status"]] >= RANK[job["status"]]
+        for status in RANK:
+            # Lists by status, unfinished ones through the index of unfinished jobs, agree
+            # with the jobs as stored (status changes leave no stale index entry behind).
+            listed = (await db.list_jobs(pool, JobFilter(status=status), 50, None))[0]
+            assert listed == [j for j in after.values() if j["status"] == status]
     for life in lives:
         build_id = life[0]["build_id"]
         job = await db.get_job(pool, build_id)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta, timezone
 
 from services.common.filters import JobFilter
+from services.common.status import Status
 from services.gateway.db import JOB_FIELDS, job_from_row, list_params
 
 
@@ -52,7 +53,7 @@ def test_variables_are_included_only_when_known() -> None:
 
 def test_empty_filter_selects_everything_and_asks_one_row_more() -> None:
     params = list_params(JobFilter(), 50, None)
-    assert params == (None, None, None, None, None, None, None, None, None, 51, None)
+    assert params == (None, None, None, None, None, None, None, None, None, 51, None, False)
 
 
 def test_scope_limits_the_list_to_those_organizations() -> None:
@@ -83,7 +84,18 @@ def test_each_filter_field_lands_in_its_own_parameter() -> None:
         42,
         11,
         None,
+        False,
     )
+
+
+def test_only_an_unfinished_status_walks_the_unfinished_jobs() -> None:
+    unfinished = {s: list_params(JobFilter(status=s), 5, None)[11] for s in Status}
+    assert unfinished == {
+        Status.IN_PROGRESS: True,
+        Status.WORKING: True,
+        Status.SUCCESS: False,
+        Status.FAILURE: False,
+    }
 
 
 def test_q_is_lowered_and_like_wildcards_escaped() -> None:
