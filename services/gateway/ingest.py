@@ -298,6 +298,9 @@ class Ingestor:
                 await puller.stop()
 
     async def _reply(self, msg: Delivery, payload: bytes) -> None:
+        # Sent as given, not through `Delivery`'s calls, which send one final reply per
+        # message: the batch's top message may be termed (rejected) and must still get
+        # the ack that covers the whole batch (ack policy all).
         await self.ctx.nc.publish(msg.reply, payload)
 
     async def _keep(self, msgs: list[Delivery], delay: float, cap: float) -> float:
