@@ -19,9 +19,7 @@ the caller retries as it did with js.publish.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from nats.aio.client import Client
@@ -32,7 +30,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import APIError, KeyWrongLastSequenceError, NoStreamResponseError
 
 from services.common import codec
-from services.common.pull import raw_route, status_of
+from services.common.pull import RawSubscription, status_of, subscribe_raw
 
 # nats-py's default JetStream timeout, which every call site used.
 ACK_TIMEOUT_S = 5.0
@@ -120,8 +118,7 @@ class JsPublisher:
         self._room = asyncio.Event()
         self._waiting = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._sub: Any = None
-        self._unroute: Callable[[], None] | None = None
+        self._sub: RawSubscription | None = None
 
     @property
     def in_flight(self) -> int:
@@ -130,23 +127,22 @@ class JsPublisher:
     @property
     def raw(self) -> bool:
         """Whether acks come as raw bytes (else through nats-py's `Msg`)."""
-        return self._unroute is not None
+        return self._sub is not None and self._sub.raw
 
     async def start(self, raw: bool = True) -> None:
         """Subscribe the inbox (once; again after `close`)."""
         if self._sub is not None:
             return
         self._loop = asyncio.get_running_loop()
-        self._sub = await self._nc.subscribe(f"{self._prefix}*", cb=self._on_msg)
-        if raw:
-            self._unroute = raw_route(self._nc, self._sub._id, self._on_raw)
+        self._sub = await subscribe_raw(
+            self._nc, f"{self._prefix}*", self._on_raw, self._on_msg, raw
+        )
 
     async def close(self) -> None:
         """Stop: publishes still awaiting their ack fail with ConnectionClosedError."""
         sub, self._sub = self._sub, None
-        unroute, self._unroute = self._unroute, None
-        if unroute is not None:
-            unroute()
+        if sub is not None:
+            sub.unroute()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -157,8 +153,7 @@ class JsPublisher:
                 future.set_exception(ConnectionClosedError())
         self._room.set()
         if sub is not None:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            await sub.unsubscribe()
 
     async def send(
         self,

@@ -129,6 +129,44 @@ def raw_route(nc: Client, sid: int, handler: RawHandler) -> Callable[[], None] |
     return unroute
 
 
+class RawSubscription:
+    """A core subscription whose deliveries go to a raw handler (`raw_route`) where this
+    nats-py allows it, else to its `Msg` callback. `unsubscribe` ends both, as nats-py's
+    `Subscription.unsubscribe` does."""
+
+    def __init__(self, sub: Any, unroute: Callable[[], None] | None) -> None:
+        self._sub = sub
+        self._unroute = unroute
+
+    @property
+    def raw(self) -> bool:
+        return self._unroute is not None
+
+    def unroute(self) -> None:
+        """Stop handing deliveries to the raw handler (nats-py gets them from now on)."""
+        unroute, self._unroute = self._unroute, None
+        if unroute is not None:
+            unroute()
+
+    async def unsubscribe(self) -> None:
+        self.unroute()
+        with contextlib.suppress(Exception):
+            await self._sub.unsubscribe()
+
+
+async def subscribe_raw(
+    nc: Client,
+    subject: str,
+    on_raw: RawHandler,
+    on_msg: Callable[[Msg], Awaitable[None]] | None = None,
+    raw: bool = True,
+) -> RawSubscription:
+    """Subscribe `subject`, its deliveries to `on_raw` as bytes (with `raw`, where this
+    nats-py allows it), else to `on_msg`."""
+    sub = await nc.subscribe(subject, cb=on_msg)
+    return RawSubscription(sub, raw_route(nc, sub._id, on_raw) if raw else None)
+
+
 def status_of(headers: bytes | None) -> tuple[str, str] | None:
     """(status, description) of a server status message (`NATS/1.0 404 No Messages`), or
     None for a message (its header block, if any, has nothing after `NATS/1.0` on its
@@ -220,8 +258,7 @@ class PullReader:
         self.batch = batch
         self._expires_s = expires_s
         self._on_arrival = on_arrival
-        self._sub: Any = None
-        self._unroute: Callable[[], None] | None = None
+        self._sub: RawSubscription | None = None
         self._msgs: list[Delivery] = []
         self._arrived = asyncio.Event()
         # Deliveries the open request may still bring (0: none open), when it was sent,
@@ -235,7 +272,7 @@ class PullReader:
     @property
     def raw(self) -> bool:
         """Whether deliveries come as raw bytes (else through nats-py's `Msg`)."""
-        return self._unroute is not None
+        return self._sub is not None and self._sub.raw
 
     @property
     def in_hand(self) -> int:
@@ -247,18 +284,12 @@ class PullReader:
         return self._left > 0 and not self._expired()
 
     async def start(self, raw: bool = True) -> None:
-        self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg)
-        if raw:
-            self._unroute = raw_route(self._nc, self._sub._id, self._on_raw)
+        self._sub = await subscribe_raw(self._nc, self._inbox, self._on_raw, self._on_msg, raw)
 
     async def stop(self) -> None:
         sub, self._sub = self._sub, None
-        unroute, self._unroute = self._unroute, None
-        if unroute is not None:
-            unroute()
         if sub is not None:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            await sub.unsubscribe()
 
     def _on_raw(self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
         status = status_of(headers)

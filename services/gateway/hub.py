@@ -32,7 +32,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from prometheus_client import Counter, Gauge
 
 from services.common.metrics import REJECTED
-from services.common.pull import raw_route, status_of, stream_seq
+from services.common.pull import RawSubscription, status_of, stream_seq, subscribe_raw
 from services.common.schemas import SchemaError
 from services.common.status import is_final
 from services.gateway.context import GatewayContext
@@ -128,9 +128,9 @@ class Hub:
         self.clients: set[LiveClient] = set()
         self.rejected = 0
         self.restarts = 0
-        self._sub: Any = None
-        # The raw consumer's route, and the consumer sequence expected next.
-        self._unroute: Any = None
+        # The raw consumer's subscription (or, where nats-py's internals differ, nats-py's
+        # ordered consumer), and the consumer sequence expected next.
+        self._sub: RawSubscription | Any = None
         self._next_cseq = 1
         # Restarts one at a time (the watchdog's and a gap's may meet); what the read loop
         # starts (flow-control answers, a restart), held until done.
@@ -171,13 +171,12 @@ class Hub:
     async def _subscribe(self) -> None:
         nc, subjects = self.ctx.nc, self.ctx.settings.subjects
         inbox = nc.new_inbox()
-        sub = await nc.subscribe(inbox)
-        unroute = raw_route(nc, sub._id, self._on_raw)
-        if unroute is None:
+        sub = await subscribe_raw(nc, inbox, self._on_raw)
+        if not sub.raw:
             await sub.unsubscribe()
             await self._subscribe_ordered()
             return
-        self._sub, self._unroute, self._next_cseq = sub, unroute, 1
+        self._sub, self._next_cseq = sub, 1
         # What nats-py's ordered consumer asks for. Like nats-py, a restart does not
         # delete the old consumer (a request that would wait out its timeout while NATS
         # is away): an ephemeral consumer goes away by itself a few seconds after its
@@ -211,9 +210,6 @@ class Hub:
 
     async def _unsubscribe(self) -> None:
         sub, self._sub = self._sub, None
-        unroute, self._unroute = self._unroute, None
-        if unroute is not None:
-            unroute()
         if sub is not None:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -293,9 +289,8 @@ class Hub:
     def _gap(self, why: str) -> None:
         # Drop the rest of this consumer's deliveries; a new one starts after the last
         # event taken (what it repeats, dispatch skips).
-        if self._unroute is not None:
-            self._unroute()
-            self._unroute = None
+        if isinstance(self._sub, RawSubscription) and self._sub.raw:
+            self._sub.unroute()
             self._background(self.restart(why))
 
     def _background(self, work: Coroutine[Any, Any, None]) -> None:

@@ -120,6 +120,7 @@ async def test_requests_never_answered_say_the_reader_must_start_over(
     try:
         assert await reader.fetch(timeout=5.0) == []
         # The inbox gone (as after a reconnect that lost it): no request is ever answered.
+        assert reader._sub is not None
         await reader._sub.unsubscribe()
         with pytest.raises(ConsumerGone, match="no answer"):
             for _ in range(20):

@@ -11,6 +11,7 @@ import pytest
 
 from services.common import codec
 from services.common.config import Settings
+from services.common.pull import RawSubscription
 from services.gateway.context import GatewayContext
 from services.gateway.hub import Hub, ack_sequences, header_value
 from tests.unit.test_hub_live_client import job
@@ -26,6 +27,11 @@ class _Nc:
         self.published.append(subject)
 
 
+class _Sub:
+    async def unsubscribe(self) -> None:
+        pass
+
+
 class _Ctx:
     settings = Settings()
 
@@ -38,7 +44,7 @@ class _Hub(Hub):
 
     def __init__(self) -> None:
         super().__init__(cast(GatewayContext, _Ctx()))
-        self._unroute = lambda: None
+        self._sub = RawSubscription(_Sub(), lambda: None)
         self.why: list[str] = []
         self.restarted = asyncio.Event()
 
@@ -96,7 +102,7 @@ async def test_a_skipped_consumer_sequence_restarts_after_the_last_event_taken()
     assert len(h.why) == 1
     # The rest of the old consumer's deliveries are dropped, not taken out of order; the
     # restart is asked for once.
-    assert h._unroute is None
+    assert not h._sub.raw
 
 
 async def test_a_heartbeat_naming_a_delivery_never_received_is_a_gap() -> None:
