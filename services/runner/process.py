@@ -248,6 +248,12 @@ class Child:
             self._exited.set_result(code)
 
     @property
+    def exited(self) -> asyncio.Future[int]:
+        """Done with the exit code once the process ended. Await `wait()` instead where
+        the awaiting may be cancelled: cancelling this future would lose the exit."""
+        return self._exited
+
+    @property
     def returncode(self) -> int | None:
         return self._popen.returncode
 
