@@ -225,8 +225,7 @@ class Child:
             pidfd = os.pidfd_open(self.pid)
         except (AttributeError, OSError):
             # No pidfds (kernels before 5.3): a thread waits instead, one per command.
-            waiting = loop.run_in_executor(None, self._popen.wait)
-            waiting.add_done_callback(lambda _: self._reaped())
+            self._wait_in_thread()
         else:
             loop.add_reader(pidfd, self._ended, pidfd)
         protocol = asyncio.StreamReaderProtocol(self.stdout)
@@ -237,13 +236,19 @@ class Child:
         """The pidfd is readable: the process has ended and waits to be reaped."""
         asyncio.get_running_loop().remove_reader(pidfd)
         os.close(pidfd)
-        self._popen.poll()
-        self._reaped()
+        if self._popen.poll() is None:
+            # Not reapable yet after all: never wrongly report an exit, wait for it.
+            self._wait_in_thread()
+        else:
+            self._reaped()
+
+    def _wait_in_thread(self) -> None:
+        waiting = asyncio.get_running_loop().run_in_executor(None, self._popen.wait)
+        waiting.add_done_callback(lambda _: self._reaped())
 
     def _reaped(self) -> None:
         code = self._popen.returncode
-        if code is None:  # reaped by someone else (never here): as asyncio says then
-            code = self._popen.returncode = 255
+        assert code is not None  # poll() or wait() set it
         if not self._exited.done():
             self._exited.set_result(code)
 
