@@ -103,12 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_service(service: Coroutine[Any, Any, None]) -> None:
-    """Run the gateway and the scheduler on uvloop when it is installed (a dependency, also
-    of uvicorn's standard extras): its event loop and socket I/O are native code, where
-    nats-py's flusher otherwise spends a Python transport write per flush. Neither needs
-    the stdlib loop (no subprocesses, threads or loop-specific calls; signal handlers and
-    `asyncio.start_server` work on both). Not the runner: its subprocesses start slower on
-    uvloop (libuv forks) than on asyncio (vfork)."""
+    """Run a service on uvloop when it is installed (a dependency, also of uvicorn's
+    standard extras): its event loop and socket I/O are native code, where nats-py's
+    flusher otherwise spends a Python transport write per flush. None needs the stdlib
+    loop (signal handlers, `asyncio.start_server`, pipes and executors work on both). The
+    runner does not use the loop's `subprocess_exec` (libuv forks; CPython's Popen
+    vforks): `runner/process.py` starts commands itself and attaches them to the loop."""
     try:
         import uvloop
     except ImportError:
@@ -149,7 +149,7 @@ def _command(args: argparse.Namespace, settings: Settings) -> int:
 
         logging_setup.setup("runner")
         kinds = [k for k in args.kinds.split(",") if k]
-        asyncio.run(
+        _run_service(
             run_runner(
                 settings, args.arch, kinds, _labels(args.label), args.metrics_port, args.runner_id
             )

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from services.common import crypto
 from services.common.config import Settings
@@ -139,13 +140,13 @@ async def _run_command(
 ) -> tuple[int, bool]:
     """Run one command; returns its exit code and whether the runner stopped it."""
     proc = await process.start(command.argv, workdir, command.env)
-    assert proc.stdout is not None
     pump = asyncio.create_task(_pump(proc.stdout, logs))
-    waiter = asyncio.create_task(proc.wait())
     stopper = asyncio.create_task(stop.wait())
     try:
-        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        stopped = not waiter.done()
+        # The exit is the process's own future (asyncio.wait never cancels it): no task.
+        first: set[asyncio.Future[Any]] = {proc.exited, stopper}
+        await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
+        stopped = not proc.exited.done()
         if stopped:
             grace = settings.cancel_grace_s
             await logs.note(
@@ -156,23 +157,27 @@ async def _run_command(
                 await logs.note("[xoogify] the process did not stop in time; killed")
             else:
                 await logs.note("[xoogify] the process stopped")
-        exit_code = process.shell_exit_code(await waiter)
+        exit_code = process.shell_exit_code(await proc.wait())
         process.kill_leftovers(proc)
-        try:
-            await asyncio.wait_for(asyncio.shield(pump), PUMP_DRAIN_S)
-        except TimeoutError:
+        if not pump.done():
+            # asyncio.wait, not wait_for: the pump keeps running past the timeout, until
+            # the finally below.
+            await asyncio.wait({pump}, timeout=PUMP_DRAIN_S)
+        if not pump.done():
             # Something outside the process group still holds the pipe open.
             log.warning("output pipe still open after the command ended")
+        else:
+            pump.result()  # a failed log write fails the job, as before
         return exit_code, stopped
     finally:
         # Also on cancellation of the runner itself: nothing of the job survives it.
         process.kill_leftovers(proc)
         # Only now: every process of the group has its SIGKILL, so the pgid can be recycled.
         process.release(proc)
-        for task in (pump, waiter, stopper):
+        for task in (pump, stopper):
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
-            await asyncio.gather(pump, waiter, stopper, return_exceptions=True)
+            await asyncio.gather(pump, stopper, return_exceptions=True)
 
 
 async def _pump(stream: asyncio.StreamReader, logs: LogStream) -> None:

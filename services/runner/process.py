@@ -15,15 +15,22 @@ the direct child only) never reached. The spawn itself then needs no wrapper and
 `preexec_fn`, so CPython uses vfork: measured here, `setpriv --pdeathsig` cost about
 0.6 ms of CPU and 0.7 ms of wall time per command (it loads locales and libcap-ng).
 
-The window: a runner SIGKILLed after the fork but before the pgid reached the pipe (the
-time `create_subprocess_exec` takes to connect the child's pipes: well under a ms) leaves
-that command running. setpriv had its own: its prctl ran after fork and exec, and a runner
-dying before that left the command without a death signal.
+The window: a runner SIGKILLed after the fork but before the pgid reached the pipe (from
+the child's exec to `Popen` returning: microseconds) leaves that command running. setpriv
+had its own: its prctl ran after fork and exec, and a runner dying before that left the
+command without a death signal.
 
 If the reaper cannot be started (or dies and cannot be restarted), commands fall back to
 `setpriv --pdeathsig KILL --`, and where setpriv lacks the option to a `preexec_fn`
 (which forces a fork of the ≈ 40 MB runner: 5.1-5.4 ms against 2.1-2.3 ms for spawn + wait
 of `true`).
+
+Spawning and watching: the runner runs on uvloop (native socket I/O and timers for
+nats-py), whose own `subprocess_exec` forks through libuv (6.5 ms against 2.2 ms). So
+commands are started by `subprocess.Popen` (CPython's vfork) and attached to the loop
+here: the output pipe as a read-pipe transport feeding a `StreamReader`, the exit through
+a pidfd that becomes readable when the process ends (then reaped without blocking). No
+thread, no SIGCHLD handler, on either loop.
 """
 
 from __future__ import annotations
@@ -201,37 +208,110 @@ def _resolve(program: str, env: dict[str, str]) -> str:
     return found
 
 
-async def start(argv: list[str], cwd: Path, env: dict[str, str]) -> asyncio.subprocess.Process:
+class Child:
+    """A started command on the running loop: `stdout` (stderr merged in) reads to end of
+    file, `wait()` gives the exit code as `Popen` says it (-N: killed by signal N)."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self._popen = popen
+        self.pid = popen.pid
+        self.stdout = asyncio.StreamReader()
+        self._pipe: asyncio.ReadTransport | None = None
+        self._exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def _attach(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):
+            # No pidfds (kernels before 5.3): a thread waits instead, one per command.
+            self._wait_in_thread()
+        else:
+            loop.add_reader(pidfd, self._ended, pidfd)
+        protocol = asyncio.StreamReaderProtocol(self.stdout)
+        assert self._popen.stdout is not None
+        self._pipe, _ = await loop.connect_read_pipe(lambda: protocol, self._popen.stdout)
+
+    def _ended(self, pidfd: int) -> None:
+        """The pidfd is readable: the process has ended and waits to be reaped."""
+        asyncio.get_running_loop().remove_reader(pidfd)
+        os.close(pidfd)
+        if self._popen.poll() is None:
+            # Not reapable yet after all: never wrongly report an exit, wait for it.
+            self._wait_in_thread()
+        else:
+            self._reaped()
+
+    def _wait_in_thread(self) -> None:
+        waiting = asyncio.get_running_loop().run_in_executor(None, self._popen.wait)
+        waiting.add_done_callback(lambda _: self._reaped())
+
+    def _reaped(self) -> None:
+        code = self._popen.returncode
+        assert code is not None  # poll() or wait() set it
+        if not self._exited.done():
+            self._exited.set_result(code)
+
+    @property
+    def exited(self) -> asyncio.Future[int]:
+        """Done with the exit code once the process ended. Await `wait()` instead where
+        the awaiting may be cancelled: cancelling this future would lose the exit."""
+        return self._exited
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.returncode
+
+    async def wait(self) -> int:
+        # Shielded: a caller's timeout (stop_group's grace) must not cancel the exit for
+        # everyone else waiting on it.
+        return await asyncio.shield(self._exited)
+
+    def close(self) -> None:
+        """Stop reading the output pipe: also when something outside the group still
+        holds its write end (the pipe would otherwise stay open in the runner)."""
+        if self._pipe is not None:
+            self._pipe.close()
+        elif self._popen.stdout is not None:
+            self._popen.stdout.close()
+
+
+async def start(argv: list[str], cwd: Path, env: dict[str, str]) -> Child:
     reaper = start_reaper()
     wrapper = _pdeathsig_wrapper() if reaper is None else None
     if wrapper is not None:
         # Spawned from the event loop's thread: the death signal follows the thread that
         # started the child, which lives as long as the runner.
         argv = [*wrapper, _resolve(argv[0], env), *argv[1:]]
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
+    popen = subprocess.Popen(
+        argv,
         cwd=cwd,
         env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
         preexec_fn=_die_with_runner if reaper is None and wrapper is None else None,
     )
-    if reaper is not None:
-        try:
-            _hold(proc.pid)
-        except OSError:
-            # Nothing would end it with the runner: it must not run at all.
-            kill_leftovers(proc)
-            await proc.wait()
-            raise
-    return proc
+    child = Child(popen)
+    try:
+        if reaper is not None:
+            _hold(child.pid)
+        await child._attach()
+    except BaseException:
+        # Nothing would end it with the runner, or nothing would see it end: it must not
+        # run at all.
+        kill_leftovers(child)
+        popen.wait()
+        release(child)
+        raise
+    return child
 
 
-def release(proc: asyncio.subprocess.Process) -> None:
+def release(proc: Child) -> None:
     """The command's group is gone (or SIGKILLed): the reaper forgets it, so a later
-    process that gets the same pgid is never killed."""
+    process that gets the same pgid is never killed; its output pipe is closed."""
+    proc.close()
     if _reaper is not None:
         try:
             _reaper.release(proc.pid)
@@ -240,7 +320,7 @@ def release(proc: asyncio.subprocess.Process) -> None:
             log.error("could not tell the reaper a job ended", extra={"error": repr(exc)})
 
 
-def signal_group(proc: asyncio.subprocess.Process, sig: int) -> bool:
+def signal_group(proc: Child, sig: int) -> bool:
     """Send `sig` to the process group of `proc` (its pgid is its pid: a new session)."""
     try:
         os.killpg(proc.pid, sig)
@@ -249,7 +329,7 @@ def signal_group(proc: asyncio.subprocess.Process, sig: int) -> bool:
     return True
 
 
-async def stop_group(proc: asyncio.subprocess.Process, grace_s: float) -> bool:
+async def stop_group(proc: Child, grace_s: float) -> bool:
     """SIGINT the group, wait up to `grace_s` for the command to end, then SIGKILL the
     group. Returns True if it had to kill."""
     signal_group(proc, signal.SIGINT)
@@ -264,7 +344,7 @@ async def stop_group(proc: asyncio.subprocess.Process, grace_s: float) -> bool:
     return killed
 
 
-def kill_leftovers(proc: asyncio.subprocess.Process) -> None:
+def kill_leftovers(proc: Child) -> None:
     """After the command ended: background children it left in its group would keep the
     output pipe open, so they go too."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -272,5 +352,5 @@ def kill_leftovers(proc: asyncio.subprocess.Process) -> None:
 
 
 def shell_exit_code(returncode: int) -> int:
-    """asyncio says -N for "killed by signal N"; users know the shell's 128 + N."""
+    """Popen says -N for "killed by signal N"; users know the shell's 128 + N."""
     return 128 - returncode if returncode < 0 else returncode

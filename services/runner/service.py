@@ -10,8 +10,7 @@ import logging
 import os
 import secrets
 import signal
-import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 from nats.aio.client import Client
@@ -47,35 +46,6 @@ def default_runner_id() -> str:
 def drain_timeout_from_env(env: Mapping[str, str] | None = None) -> float:
     value = (os.environ if env is None else env).get("XOOGIFY_DRAIN_TIMEOUT_S")
     return float(value) if value else DEFAULT_DRAIN_TIMEOUT_S
-
-
-@contextlib.contextmanager
-def pidfd_child_watcher() -> Iterator[None]:
-    """Python 3.11 waits for each job's process with a new thread (ThreadedChildWatcher):
-    a thread start per job, and the loop then competes with it for the GIL. A pidfd is
-    watched by the loop itself, without threads (3.12 does this by default). Kept as is
-    where pidfds are missing (kernels before 5.3) or on 3.12+."""
-    if sys.version_info >= (3, 12) or not _pidfd_works():
-        yield
-        return
-    watcher = asyncio.PidfdChildWatcher()
-    watcher.attach_loop(asyncio.get_running_loop())
-    previous = asyncio.get_child_watcher()
-    asyncio.set_child_watcher(watcher)
-    try:
-        yield
-    finally:
-        asyncio.set_child_watcher(previous)
-        watcher.close()
-
-
-def _pidfd_works() -> bool:
-    try:
-        fd = os.pidfd_open(os.getpid())
-    except (AttributeError, OSError):
-        return False
-    os.close(fd)
-    return True
 
 
 def runnable_kinds(kinds: list[str]) -> list[str]:
@@ -245,8 +215,7 @@ async def run(
     # returned: every job has ended and told it so, and it kills nothing.
     process.start_reaper()
     try:
-        with pidfd_child_watcher():
-            await service.serve()
+        await service.serve()
     finally:
         process.close_reaper()
         for sig in (signal.SIGTERM, signal.SIGINT):

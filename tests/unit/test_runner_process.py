@@ -5,13 +5,17 @@ with a plain exec."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
+import uvloop
 
 from services.runner import process
 
@@ -99,3 +103,65 @@ async def test_a_reaper_that_cannot_start_falls_back_to_setpriv(
     assert (code, out) == (0, b"fine\n")
     assert process._reaper is None and process._reaper_failed
     assert "could not start the reaper" in caplog.text
+
+
+def _run_on(loop: str, main: Coroutine[Any, Any, None]) -> None:
+    if loop == "uvloop":
+        uvloop.run(main)
+    else:
+        asyncio.run(main)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_exit_codes_signals_and_stopping_on_either_loop(tmp_path: Path, loop: str) -> None:
+    """The runner runs on uvloop, the tests' servers on asyncio: the command's output, its
+    exit and the group's stop are watched the same way on both."""
+
+    async def main() -> None:
+        assert await run(["sh", "-c", "echo out; echo err >&2; exit 3"], tmp_path) == (
+            3,
+            b"out\nerr\n",
+        )
+        code, _ = await run(["sh", "-c", "kill -9 $$"], tmp_path)
+        assert (code, process.shell_exit_code(code)) == (-signal.SIGKILL, 137)
+
+        # Deaf to SIGINT (inherited by sleep): only the SIGKILL after the grace ends it.
+        proc = await process.start(
+            ["sh", "-c", "trap '' INT; echo up; sleep 60"], tmp_path, dict(os.environ)
+        )
+        try:
+            assert await proc.stdout.readline() == b"up\n"
+            assert await process.stop_group(proc, 0.1)
+            # The grace's timed-out wait did not take the exit from a later waiter.
+            assert await proc.wait() == -signal.SIGKILL
+            assert await proc.stdout.read() == b""
+        finally:
+            process.release(proc)
+
+    _run_on(loop, main())
+
+
+async def test_without_pidfds_the_exit_still_comes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_pidfd(pid: int) -> int:
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+    assert await run(["sh", "-c", "echo fine; exit 5"], tmp_path) == (5, b"fine\n")
+
+
+async def test_release_closes_a_pipe_still_held_outside_the_group(tmp_path: Path) -> None:
+    """A process that left the command's group keeps the pipe's write end: the runner
+    still lets go of its read end (and sees the end of the output) once it releases."""
+    proc = await process.start(
+        ["sh", "-c", "setsid sleep 60 & echo $!"], tmp_path, dict(os.environ)
+    )
+    holder = int(await proc.stdout.readline())
+    try:
+        assert await proc.wait() == 0
+        process.kill_leftovers(proc)
+        process.release(proc)
+        assert await asyncio.wait_for(proc.stdout.read(), 10) == b""
+    finally:
+        os.kill(holder, signal.SIGKILL)
