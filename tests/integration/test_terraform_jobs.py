@@ -185,17 +185,15 @@ resource "null_resource" "slow" {
 """
 
 
-@pytest.mark.timeout(120)
-async def test_a_cancelled_apply_releases_its_lock_and_keeps_its_state(
-    tf_stack: Stack,
-) -> None:
-    stack = tf_stack
+def add_slow_module(stack: Stack) -> None:
     slow = stack.settings.modules_dir / "slowtf"
     slow.mkdir()
     (slow / "main.tf").write_text(SLOW_MODULE)
-    await stack.start_gateway()
-    await stack.start_scheduler()
-    await stack.start_runner("runner-a")
+
+
+async def cancel_slow_apply_while_creating(stack: Stack) -> tuple[int, dict[str, Any], str]:
+    """Apply `slowtf` and cancel it while its resource is being created: the build id,
+    the job as it ended, and its whole log."""
     async with XoogifyClient(stack.url, stack.settings.token) as xo:
         job = await xo.submit(
             organization="acme",
@@ -218,11 +216,23 @@ async def test_a_cancelled_apply_releases_its_lock_and_keeps_its_state(
         await eventually(creating, timeout=60)
         await xo.cancel(build_id)
         ended = await finished(xo, build_id)
-        log = await full_log(xo, build_id)
-        assert (ended["status"], ended["reason"]) == ("FAILURE", "cancelled"), log
-        assert "[xoogify] the process stopped" in log  # Terraform ended on SIGINT, not killed
-        # The job's state password reaches Terraform but never the log.
-        assert "password=***" in log
+        return build_id, ended, await full_log(xo, build_id)
+
+
+@pytest.mark.timeout(120)
+async def test_a_cancelled_apply_releases_its_lock_and_keeps_its_state(
+    tf_stack: Stack,
+) -> None:
+    stack = tf_stack
+    add_slow_module(stack)
+    await stack.start_gateway()
+    await stack.start_scheduler()
+    await stack.start_runner("runner-a")
+    build_id, ended, log = await cancel_slow_apply_while_creating(stack)
+    assert (ended["status"], ended["reason"]) == ("FAILURE", "cancelled"), log
+    assert "[xoogify] the process stopped" in log  # Terraform ended on SIGINT, not killed
+    # The job's state password reaches Terraform but never the log.
+    assert "password=***" in log
 
     db = await asyncpg.connect(stack.settings.database_url)
     try:
@@ -404,35 +414,12 @@ async def test_a_cancelled_apply_uploads_its_errored_state_after_the_stop(
     tf_stack: Stack,
 ) -> None:
     stack = tf_stack
-    slow = stack.settings.modules_dir / "slowtf"
-    slow.mkdir()
-    (slow / "main.tf").write_text(SLOW_MODULE)
+    add_slow_module(stack)
     await stack.start_gateway()
     async with refusing_proxy(stack.url, refuse=1) as (proxy_url, proxy):
         await stack.start_scheduler(XOOGIFY_GATEWAY_URL=proxy_url)
         await stack.start_runner("runner-a")
-        async with XoogifyClient(stack.url, stack.settings.token) as xo:
-            job = await xo.submit(
-                organization="acme",
-                environment="stg",
-                module_name="slowtf",
-                module_type="amd64/terraform",
-                action="APPLY-AUTO",
-            )
-            build_id = int(job["build_id"])
-
-            async def creating() -> bool:
-                try:
-                    text = ANSI.sub("", (await xo.read_logs(build_id))["data"])
-                    return "(local-exec): slow-create-started" in text
-                except ApiError as exc:  # 404 until the job's first event is stored
-                    assert exc.status == 404
-                    return False
-
-            await eventually(creating, timeout=60)
-            await xo.cancel(build_id)
-            ended = await finished(xo, build_id)
-            log = await full_log(xo, build_id)
+        build_id, ended, log = await cancel_slow_apply_while_creating(stack)
     assert proxy.refused == 1, log
     assert (ended["status"], ended["reason"]) == ("FAILURE", "cancelled"), log
     # The push ran after the stop, and the stop did not interrupt it.
