@@ -46,19 +46,24 @@ class ConsumerGone(Exception):
     """The server answered a pull with an error that needs the consumer recreated."""
 
 
-def reply_stream_seq(reply: str) -> int:
-    """The stream sequence from a JetStream reply subject, without building nats-py's
-    Metadata (a datetime and two dataclasses per message).
+def ack_sequences(reply: bytes | str) -> tuple[int, int]:
+    """(stream sequence, consumer sequence) from a JetStream delivery's reply subject,
+    without building nats-py's Metadata (a datetime and two dataclasses per message).
 
     v1: $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
     v2: $JS.ACK.<domain>.<account>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>[.…]
     """
-    tokens = reply.split(".")
+    tokens = reply.split(b".") if isinstance(reply, bytes) else reply.split(".")
     if len(tokens) == 9:
-        return int(tokens[5])
+        return int(tokens[5]), int(tokens[6])
     if len(tokens) >= 11:
-        return int(tokens[7])
+        return int(tokens[7]), int(tokens[8])
     raise ValueError(f"not a JetStream reply subject: {reply!r}")
+
+
+def reply_stream_seq(reply: str) -> int:
+    """The stream sequence from a JetStream reply subject (`ack_sequences`)."""
+    return ack_sequences(reply)[0]
 
 
 def stream_seq(msg: Any) -> int:
@@ -165,6 +170,15 @@ async def subscribe_raw(
     nats-py allows it), else to `on_msg`."""
     sub = await nc.subscribe(subject, cb=on_msg)
     return RawSubscription(sub, raw_route(nc, sub._id, on_raw) if raw else None)
+
+
+def header_value(headers: bytes, name: bytes) -> bytes | None:
+    """One header's value (`name` with its colon) from a raw NATS header block, or None."""
+    start = headers.find(name)
+    if start < 0:
+        return None
+    end = headers.find(b"\r\n", start)
+    return headers[start + len(name) : end if end >= 0 else None].strip()
 
 
 def status_of(headers: bytes | None) -> tuple[str, str] | None:

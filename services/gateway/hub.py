@@ -32,7 +32,14 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from prometheus_client import Counter, Gauge
 
 from services.common.metrics import REJECTED
-from services.common.pull import RawSubscription, status_of, stream_seq, subscribe_raw
+from services.common.pull import (
+    RawSubscription,
+    ack_sequences,
+    header_value,
+    status_of,
+    stream_seq,
+    subscribe_raw,
+)
 from services.common.schemas import SchemaError
 from services.common.status import is_final
 from services.gateway.context import GatewayContext
@@ -59,26 +66,6 @@ WS_RESYNCS = Counter("xoogify_gateway_ws_resyncs_total", "Websockets sent `resyn
 HUB_RESTARTS = Counter(
     "xoogify_gateway_hub_restarts_total", "Times the watchdog restarted the hub's consumer"
 )
-
-
-def ack_sequences(reply: bytes) -> tuple[int, int]:
-    """(stream sequence, consumer sequence) of a JetStream delivery's reply subject (see
-    `services.common.pull.reply_stream_seq` for its two forms)."""
-    tokens = reply.split(b".")
-    if len(tokens) == 9:
-        return int(tokens[5]), int(tokens[6])
-    if len(tokens) >= 11:
-        return int(tokens[7]), int(tokens[8])
-    raise ValueError(f"not a JetStream reply subject: {reply!r}")
-
-
-def header_value(headers: bytes, name: bytes) -> bytes | None:
-    """One header's value from a raw NATS header block, or None."""
-    start = headers.find(name)
-    if start < 0:
-        return None
-    end = headers.find(b"\r\n", start)
-    return headers[start + len(name) : end if end >= 0 else None].strip()
 
 
 class _Group:

@@ -11,9 +11,9 @@ import pytest
 
 from services.common import codec
 from services.common.config import Settings
-from services.common.pull import RawSubscription
+from services.common.pull import RawSubscription, ack_sequences, header_value
 from services.gateway.context import GatewayContext
-from services.gateway.hub import Hub, ack_sequences, header_value
+from services.gateway.hub import Hub
 from tests.unit.test_hub_live_client import job
 
 SUBJECT = b"xoogify.events.acme.stg.1"
