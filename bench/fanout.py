@@ -28,9 +28,10 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 
+from bench.cpu import cpu_s
 from bench.job_events import LIFE, job_event, publish
 from bench.report import Result
-from bench.stack import BenchStack, Servers, cpu_s, rss_mb, running_stack
+from bench.stack import BenchStack, Servers, rss_mb, running_stack
 from services.common import bus, codec
 from services.common.jspub import JsPublisher
 

@@ -5,16 +5,15 @@ gateway's watermark covers the last one. Target ≥ 25,000/s."""
 from __future__ import annotations
 
 import asyncio
-import os
 import time
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 
+from bench.cpu import CpuShares
 from bench.job_events import interleaved_lives, publish_all
 from bench.report import Result
-from bench.stack import BenchStack, Servers, cpu_s, running_stack
+from bench.stack import BenchStack, Servers, running_stack
 from services.common import bus
 from services.common.jspub import JsPublisher
 
@@ -41,69 +40,6 @@ async def wait_watermark(conn: asyncpg.Connection, last: int, timeout: float) ->
     return time.perf_counter()
 
 
-def _stat(pid: int) -> list[str]:
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-
-
-def _tree_cpu_s(root: int) -> float:
-    """CPU seconds of a process and its children, living and reaped (a Postgres server:
-    the postmaster, its backends and background workers)."""
-    ticks = 0
-    for pid in [root] + [int(p) for p in os.listdir("/proc") if p.isdigit()]:
-        try:
-            fields = _stat(pid)
-        except OSError:
-            continue  # gone meanwhile
-        if pid == root or int(fields[1]) == root:
-            ticks += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-async def _postgres_root(conn: asyncpg.Connection) -> int | None:
-    """The postmaster's pid when Postgres runs on this machine, else None."""
-    backend = await conn.fetchval("SELECT pg_backend_pid()")
-    try:
-        return int(_stat(backend)[1])
-    except OSError:
-        return None  # XOOGIFY_BENCH_DATABASE_ADMIN_URL on another machine
-
-
-def _nats_pid(bench: BenchStack) -> int | None:
-    """The run's own nats-server (its store is under the run's workdir)."""
-    mark = str(bench.workdir).encode()
-    for p in os.listdir("/proc"):
-        try:
-            cmd = Path(f"/proc/{p}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"nats-server" in cmd and mark in cmd:
-            return int(p)
-    return None
-
-
-class CpuShares:
-    """CPU seconds per role over a run: where an event's cost goes, steadier than rates
-    on a shared machine."""
-
-    def __init__(self, bench: BenchStack, postgres: int | None) -> None:
-        self.roles = {"gateway": bench.gateway_pid, "nats": _nats_pid(bench), "postgres": postgres}
-        self.start = self._now()
-
-    def _now(self) -> dict[str, float]:
-        now = {"bench_client": time.process_time()}
-        for role, pid in self.roles.items():
-            if pid is not None:
-                now[role] = _tree_cpu_s(pid) if role == "postgres" else cpu_s(pid)
-        return now
-
-    def us_per_event(self, events: int) -> dict[str, float]:
-        end = self._now()
-        return {
-            f"{role}_cpu_us_per_event": (end[role] - self.start[role]) / events * 1e6
-            for role in end
-        }
-
-
 async def measure(bench: BenchStack, events: int) -> dict[str, Any]:
     """Publish `events` (a multiple of 3: whole job lives) and time their ingestion; also
     count what was stored. Shared with `ceiling`, which reports it beside the raw rates."""
@@ -114,7 +50,7 @@ async def measure(bench: BenchStack, events: int) -> dict[str, Any]:
     pub = JsPublisher(nc)
     try:
         await pub.start()
-        cpu = CpuShares(bench, await _postgres_root(conn))
+        cpu = await CpuShares.measuring(bench, conn)
         start = time.perf_counter()
         last = await publish_all(pub, bench.settings.subjects, lives)
         published = time.perf_counter()

@@ -4,7 +4,7 @@
 Beside the total, where the time goes, from the job's own timestamps (ms resolution, wall
 clock): queued (submitted → started), running (started → finished) and delivery
 (finished → received on /ws). And the CPU each process spent per job over the measured
-jobs (`bench.throughput.JobCpu`): at 20 jobs/s the machine is mostly idle, but within one
+jobs (`bench.cpu.JobCpu`): at 20 jobs/s the machine is mostly idle, but within one
 job's few milliseconds the processes it crosses wait for each other's CPU on two cores."""
 
 from __future__ import annotations
@@ -16,11 +16,10 @@ from pathlib import Path
 
 import asyncpg
 
-from bench.ingest import _postgres_root
+from bench.cpu import JobCpu
 from bench.report import Result, percentile
 from bench.stack import Servers, noop_modules, running_stack
 from bench.submit import Submitter, noop_job
-from bench.throughput import JobCpu
 from bench.ws_watch import FinalWatcher
 from services.common.timefmt import parse_time
 
@@ -54,7 +53,7 @@ async def run(servers: Servers, size: int) -> Result:
                 await watcher.wait_all({build_id}, timeout=30)
             conn = await asyncpg.connect(bench.settings.database_url)
             try:
-                cpu = JobCpu(bench, await _postgres_root(conn))
+                cpu = await JobCpu.measuring(bench, conn)
             finally:
                 await conn.close()
             sent: dict[int, float] = {}

@@ -198,11 +198,3 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def cpu_s(pid: int) -> float:
-    """CPU time (user + system) a process has used so far, in seconds (/proc/<pid>/stat):
-    on a shared machine a steadier figure of a service's cost than wall-clock rates."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

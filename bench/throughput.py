@@ -8,16 +8,15 @@ excluded), steadier than the rate on a shared machine: `jobs` is the jobs' own p
 from __future__ import annotations
 
 import asyncio
-import os
 import tempfile
 import time
 from pathlib import Path
 
 import asyncpg
 
-from bench.ingest import CpuShares, _postgres_root
+from bench.cpu import JobCpu
 from bench.report import Result
-from bench.stack import BenchStack, Servers, cpu_s, noop_modules, running_stack
+from bench.stack import Servers, noop_modules, running_stack
 from bench.submit import Submitter, noop_job
 
 DEFAULT = 1_000
@@ -36,37 +35,6 @@ async def _final_counts(conn: asyncpg.Connection) -> tuple[int, int]:
     return int(row["final"]), int(row["success"])
 
 
-def _children_cpu_s(pid: int) -> float:
-    """CPU seconds of a process's reaped children (cutime + cstime in /proc/<pid>/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
-
-
-class JobCpu(CpuShares):
-    """`CpuShares` (gateway, NATS, Postgres, load generator) plus the scheduler, the
-    runners and the jobs' own processes."""
-
-    def __init__(self, bench: BenchStack, postgres: int | None) -> None:
-        procs = bench.stack.procs
-        self.scheduler = procs["scheduler"].pid
-        self.runners = [proc.pid for name, proc in procs.items() if name.startswith("runner")]
-        super().__init__(bench, postgres)
-
-    def _now(self) -> dict[str, float]:
-        now = super()._now()
-        now["scheduler"] = cpu_s(self.scheduler)
-        now["runners"] = sum(cpu_s(pid) for pid in self.runners)
-        now["jobs"] = sum(_children_cpu_s(pid) for pid in self.runners)
-        return now
-
-    def ms_per_job(self, jobs: int) -> dict[str, float]:
-        shares = {
-            key.replace("_cpu_us_per_event", "_cpu_ms_per_job"): round(us / 1000, 3)
-            for key, us in self.us_per_event(jobs).items()
-        }
-        return {**shares, "total_cpu_ms_per_job": round(sum(shares.values()), 3)}
-
-
 async def run(servers: Servers, size: int) -> Result:
     result = Result("throughput", size, targets={"jobs_per_s": "≥ 1,000/s"})
     with tempfile.TemporaryDirectory(prefix="xoogify-bench-modules-") as tmp:
@@ -76,7 +44,7 @@ async def run(servers: Servers, size: int) -> Result:
             Submitter(bench.url, bench.headers, CONNECTIONS) as http,
         ):
             conn = await asyncpg.connect(bench.settings.database_url)
-            cpu = JobCpu(bench, await _postgres_root(conn))
+            cpu = await JobCpu.measuring(bench, conn)
             queue: asyncio.Queue[int] = asyncio.Queue()
             for n in range(size):
                 queue.put_nowait(n)
