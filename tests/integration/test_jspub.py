@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import nats
 import pytest
@@ -138,11 +139,9 @@ async def test_close_fails_what_is_outstanding(nc: Client) -> None:
         await publisher.publish("jp.closed", b"x")
 
 
-async def test_publishing_goes_on_after_a_server_restart(
-    nats_server: EmbeddedNats | None,
-) -> None:
-    if nats_server is None:
-        pytest.skip("restarts its own nats-server")
+async def test_publishing_goes_on_after_a_server_restart(tmp_path: Path) -> None:
+    # A server of its own, whatever the suite's is: this one is killed and started again.
+    nats_server = EmbeddedNats(tmp_path / "own-nats", log_file=tmp_path / "own-nats.log").start()
     reconnected = asyncio.Event()
 
     async def on_reconnect() -> None:
@@ -174,6 +173,7 @@ async def test_publishing_goes_on_after_a_server_restart(
     finally:
         await publisher.close()
         await nc.close()
+        nats_server.stop()
 
 
 async def test_the_scheduler_s_record_writes_through_it(nc: Client, pub: JsPublisher) -> None:
