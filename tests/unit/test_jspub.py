@@ -11,6 +11,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import APIError, BadRequestError, NoStreamResponseError, ServiceUnavailableError
 
 from services.common.jspub import Ack, JsPublisher, outcome, token_of
+from tests.support import eventually
 
 WRONG_LAST = b'{"error":{"code":400,"err_code":10071,"description":"wrong last sequence: 4"}}'
 
@@ -116,7 +117,11 @@ async def test_a_full_window_waits_for_an_answer() -> None:
     await pub.send("ev.1", b"a")
     await pub.send("ev.2", b"b")
     third = asyncio.ensure_future(pub.send("ev.3", b"c"))
-    await asyncio.sleep(0)  # one turn of the loop: the send runs until it waits for room
+
+    async def waiting_for_room() -> bool:
+        return pub._waiting
+
+    await eventually(waiting_for_room, timeout=5)
     assert not third.done() and len(nc.sent) == 2
     pub._on_raw(b"_INBOX.test.1", b"", b'{"stream":"EV","seq":1}', None)
     await asyncio.wait_for(third, 5)
