@@ -8,6 +8,7 @@ instead; then each test gets its own database and its own subject prefix.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -26,6 +27,21 @@ from tests import message_audit
 from tests.openapi_audit import Audit
 from tests.stack import Stack
 from tests.support import admin_token
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    # Kept on the item so that a fixture's teardown knows whether the test failed.
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    item.stash.setdefault(REPORTS, {})[report.when] = report
+
+
+REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
+
+
+def failed(node: pytest.Item) -> bool:
+    return any(r.failed for r in node.stash.get(REPORTS, {}).values())
 
 
 @pytest.fixture(autouse=True)
@@ -130,6 +146,9 @@ async def stack(
     try:
         yield s
     finally:
+        if failed(request.node):
+            # Shown under the failure ("Captured stderr teardown").
+            print(s.failure_report(), file=sys.stderr)
         await s.stop_all()
     if request.node.get_closest_marker("bad_messages") is None:
         bad = await message_audit.problems(settings)

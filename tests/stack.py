@@ -182,3 +182,19 @@ class Stack:
     def logs(self, name: str) -> str:
         path = self.log_dir / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+    def failure_report(self, lines: int = 12, width: int = 400) -> str:
+        """What each service said last that was not `info`, and whether it is still
+        running: printed when a test fails, because CI shows the output, not the files."""
+        parts = []
+        for path in sorted(self.log_dir.glob("*.log")):
+            proc = self.procs.get(path.stem)
+            state = "stopped by the test" if proc is None else f"exit code {proc.poll()}"
+            notable = [
+                line[:width]
+                for line in path.read_text(errors="replace").splitlines()
+                if '"level":"info"' not in line
+            ]
+            parts.append(f"--- {path.stem} ({state}), last of {len(notable)} non-info lines:")
+            parts += notable[-lines:]
+        return "\n".join(parts)

@@ -11,10 +11,11 @@ import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import nats
 from nats.aio.client import Client
+from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import (
     DiscardPolicy,
@@ -32,6 +33,56 @@ from services.common.config import Settings
 log = logging.getLogger(__name__)
 
 DAY = 24 * 3600
+T = TypeVar("T")
+
+
+@overload
+async def until_done(what: str, attempt: Callable[[], Awaitable[T]]) -> T: ...
+
+
+@overload
+async def until_done(
+    what: str, attempt: Callable[[], Awaitable[T]], stop: asyncio.Event
+) -> T | None: ...
+
+
+async def until_done(
+    what: str, attempt: Callable[[], Awaitable[T]], stop: asyncio.Event | None = None
+) -> T | None:
+    """`attempt` until it succeeds, backing off to 5 s between tries; None as soon as `stop`
+    is set (an attempt under way is cancelled: `nats.connect` itself waits for as long as
+    no server answers). For start-up: NATS may start after a service, and on a cluster a
+    stream or bucket just created (by this service or another starting at the same time)
+    answers nothing, or times out, until its replicas elect a leader. A service that gave
+    up then would be down for good: nothing restarts it under `xoogify up`."""
+    stopped = asyncio.ensure_future(stop.wait()) if stop is not None else None
+    delay = 0.2
+    try:
+        while True:
+            tried = asyncio.ensure_future(attempt())
+            await asyncio.wait(
+                {tried} | ({stopped} if stopped else set()), return_when="FIRST_COMPLETED"
+            )
+            if not tried.done():
+                tried.cancel()
+                with contextlib.suppress(asyncio.CancelledError, NatsError, OSError):
+                    await tried
+                return None
+            try:
+                return tried.result()
+            except (NatsError, OSError) as exc:  # nats-py's TimeoutError is both
+                extra = {"what": what, "error": repr(exc), "retry_s": delay}
+                log.warning("nats not ready; retrying", extra=extra)
+            if stopped is None:
+                await asyncio.sleep(delay)
+            else:
+                await asyncio.wait({stopped}, timeout=delay)
+                if stopped.done():
+                    return None
+            delay = min(delay * 2, 5.0)
+    finally:
+        if stopped is not None:
+            stopped.cancel()
 
 
 async def connect(settings: Settings, name: str, **options: Any) -> Client:

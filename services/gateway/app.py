@@ -61,16 +61,9 @@ MAX_WS_MESSAGE = 64 * 1024
 
 async def _connect_nats(settings: Settings, gateway_id: str) -> Client:
     """Wait for NATS (it may start after us); afterwards the client reconnects by itself."""
-    delay = 0.2
-    while True:
-        try:
-            nc = await bus.connect(settings, f"gateway-{gateway_id}")
-            await bus.ensure_streams(nc.jetstream(), settings)
-            return nc
-        except Exception as exc:
-            log.warning("waiting for nats", extra={"error": repr(exc)})
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+    nc = await bus.until_done("connect", lambda: bus.connect(settings, f"gateway-{gateway_id}"))
+    await bus.until_done("streams", lambda: bus.ensure_streams(nc.jetstream(), settings))
+    return nc
 
 
 async def _connect_postgres(settings: Settings) -> asyncpg.Pool:

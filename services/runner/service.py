@@ -12,6 +12,7 @@ import secrets
 import signal
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
@@ -84,6 +85,7 @@ class RunnerService:
         self.work_root = work_root
         self.ready = asyncio.Event()
         self._stop_requested = False
+        self._stopping = asyncio.Event()  # ends the start-up retries
         self._worker: Worker | None = None
         self._registry: Registry | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -101,6 +103,7 @@ class RunnerService:
                 self._worker.request_stop()
             return
         self._stop_requested = True
+        self._stopping.set()
         log.info("drain requested", extra={"runner_id": self.runner_id})
         if self._worker is not None:
             self._worker.request_stop()
@@ -111,7 +114,10 @@ class RunnerService:
             task.add_done_callback(self._background.discard)
 
     async def serve(self) -> None:
-        nc = await bus.connect(self.settings, f"runner {self.runner_id}")
+        name, stopping = f"runner {self.runner_id}", self._stopping
+        nc = await bus.until_done("connect", lambda: bus.connect(self.settings, name), stopping)
+        if nc is None:
+            return
         pub = JsPublisher(nc)
         try:
             await pub.start()
@@ -123,13 +129,19 @@ class RunnerService:
     async def _serve(self, nc: Client, pub: JsPublisher) -> None:
         settings = self.settings
         js = nc.jetstream()
-        await bus.ensure_streams(js, settings)
-        kv = await bus.ensure_kv(
-            js,
-            settings.subjects.runners_bucket,
-            ttl=3 * settings.heartbeat_s,
-            replicas=settings.stream_replicas,
-        )
+
+        async def set_up() -> Any:
+            await bus.ensure_streams(js, settings)
+            return await bus.ensure_kv(
+                js,
+                settings.subjects.runners_bucket,
+                ttl=3 * settings.heartbeat_s,
+                replicas=settings.stream_replicas,
+            )
+
+        kv = await bus.until_done("streams and registry bucket", set_up, self._stopping)
+        if kv is None:
+            return  # stopped before it ever registered
         registry = Registry(
             kv, self.runner_id, self.arch, self.kinds, self.labels, settings.heartbeat_s
         )

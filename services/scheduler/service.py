@@ -525,27 +525,37 @@ async def run(
     again; on stop, finish the input in flight, then release the lease so a standby takes
     over at once rather than after the TTL.
     """
-    nc = await bus.connect(settings, "scheduler")
-    js = nc.jetstream()
-    s = settings.subjects
-    replicas = settings.stream_replicas
-    await bus.ensure_streams(js, settings)
-    sched_kv = await bus.ensure_kv(js, s.sched_bucket, replicas=replicas)
-    runners_kv = await bus.ensure_kv(
-        js, s.runners_bucket, ttl=3 * settings.heartbeat_s, replicas=replicas
-    )
-    leader_kv = await bus.ensure_kv(
-        js, s.leader_bucket, ttl=settings.leader_ttl_s, replicas=replicas
-    )
-    # The bucket's TTL is the lease's, whatever this process was configured with.
-    ttl = (await leader_kv.status()).ttl or settings.leader_ttl_s
-    lease = Lease(leader_kv, ttl)
-    scheduler = Scheduler(settings, nc, js, sched_kv, runners_kv, lease=lease)
     if stop is None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+    nc = await bus.until_done("connect", lambda: bus.connect(settings, "scheduler"), stop)
+    if nc is None:
+        return
+    js = nc.jetstream()
+    s = settings.subjects
+    replicas = settings.stream_replicas
+
+    async def set_up() -> tuple[Any, Any, Any]:
+        await bus.ensure_streams(js, settings)
+        return (
+            await bus.ensure_kv(js, s.sched_bucket, replicas=replicas),
+            await bus.ensure_kv(
+                js, s.runners_bucket, ttl=3 * settings.heartbeat_s, replicas=replicas
+            ),
+            await bus.ensure_kv(js, s.leader_bucket, ttl=settings.leader_ttl_s, replicas=replicas),
+        )
+
+    buckets = await bus.until_done("streams and buckets", set_up, stop)
+    if buckets is None:
+        await nc.close()
+        return
+    sched_kv, runners_kv, leader_kv = buckets
+    # The bucket's TTL is the lease's, whatever this process was configured with.
+    ttl = (await leader_kv.status()).ttl or settings.leader_ttl_s
+    lease = Lease(leader_kv, ttl)
+    scheduler = Scheduler(settings, nc, js, sched_kv, runners_kv, lease=lease)
     server = None
     if metrics_port:
         server = await serve_metrics(
