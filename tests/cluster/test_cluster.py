@@ -108,7 +108,8 @@ async def test_burst_through_leader_and_nats_node_loss(
     try:
         for ws in recorders:
             await ws.__aenter__()
-        await eventually(runners_up, timeout=30)
+        # Ten processes start on two cores; a runner registers once its streams have leaders.
+        await eventually(runners_up, timeout=60)
         bodies = burst_bodies(evidence)
 
         async def submit(i: int) -> int:
