@@ -68,70 +68,21 @@ BATCH_SIZE = Histogram(
 # The job row comes from the batch's newest event per build (an INSERT … ON CONFLICT may
 # not touch a row twice) and never replaces a newer one; a batch may hold the same event
 # twice (a redelivery): DO NOTHING skips the second.
-_STORE_EVENTS = """
-WITH received AS MATERIALIZED (
-    SELECT m.stream_seq, m.payload::jsonb AS payload
-      FROM unnest($1::bigint[], string_to_array(convert_from($2, 'UTF8'), chr(30)))
-           AS m (stream_seq, payload)
-), events AS MATERIALIZED (
-    SELECT r.stream_seq, r.payload, e.*
-      FROM received r, jsonb_to_record(r.payload) AS e (
-          event_id text, build_id bigint, organization text, environment text,
-          module_type text, module_name text, action text, status text, reason text,
-          exit_code integer, runner_id text, queue_position integer, seq integer,
-          requested_by text, submitted_at timestamptz, started_at timestamptz,
-          finished_at timestamptz, updated_at timestamptz, variables jsonb)
-), stored AS (
-    INSERT INTO job_events (event_id, build_id, seq, status, at, reason, runner_id, exit_code,
-                            queue_position, stream_seq, payload)
-    SELECT event_id, build_id, seq, status, updated_at, reason, runner_id, exit_code,
-           queue_position, stream_seq, payload
-      FROM events
-    ON CONFLICT (event_id) DO NOTHING
-)
-INSERT INTO jobs (build_id, organization, environment, module_type, module_name, action,
-                  status, reason, exit_code, runner_id, queue_position, seq, requested_by,
-                  submitted_at, started_at, finished_at, updated_at, stream_seq, variables)
-SELECT DISTINCT ON (build_id)
-       build_id, organization, environment, module_type, module_name, action, status,
-       reason, exit_code, runner_id, queue_position, seq, requested_by, submitted_at,
-       started_at, finished_at, updated_at, stream_seq, variables
-  FROM events
- ORDER BY build_id, seq DESC
-ON CONFLICT (build_id) DO UPDATE SET
-    status = EXCLUDED.status, reason = EXCLUDED.reason, exit_code = EXCLUDED.exit_code,
-    runner_id = EXCLUDED.runner_id, queue_position = EXCLUDED.queue_position,
-    seq = EXCLUDED.seq, started_at = EXCLUDED.started_at,
-    finished_at = EXCLUDED.finished_at, updated_at = EXCLUDED.updated_at,
-    stream_seq = EXCLUDED.stream_seq,
-    variables = coalesce(EXCLUDED.variables, jobs.variables)
-WHERE jobs.seq < EXCLUDED.seq
-"""
+# The statements are in migration 008 (services/gateway/sql/migrations), as two functions
+# so that a batch is one round trip: the events' store, then the fill described below,
+# then the watermark; or the chunks' insert, then the watermark.
 # Only the first event of a job carries its variables. When it was not the one that went
 # into the job row (a later event was stored first, or is newer in the same batch), the
-# variables come from the stored event, after the upsert above.
-_FILL_VARIABLES = """
-UPDATE jobs SET variables = e.payload->'variables'
-  FROM job_events e
- WHERE jobs.build_id = ANY($1::bigint[]) AND jobs.variables IS NULL
-   AND e.build_id = jobs.build_id AND e.payload ? 'variables'
-"""
-_INSERT_CHUNKS = """
-INSERT INTO job_log_chunks (build_id, "offset", size, data, eof)
-SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::text[], $5::bool[])
-ON CONFLICT (build_id, "offset") DO NOTHING
+# variables come from the stored event, after the upsert (`p_fill`: the builds to fill).
+_STORE_EVENTS = "SELECT xoogify_ingest_events($1::bigint[], $2, $3::bigint[], $4, $5, $6)"
+_STORE_CHUNKS = """
+SELECT xoogify_ingest_chunks($1::bigint[], $2::bigint[], $3::int[], $4::text[], $5::bool[],
+                             $6, $7, $8)
 """
 _INSERT_REJECTED = """
 INSERT INTO rejected_messages (subject, stream_seq, error, payload) VALUES ($1, $2, $3, $4)
 """
-_SAVE_PROGRESS = """
-INSERT INTO ingest_progress (consumer, kind, watermark) VALUES ($1, $2, $3)
-ON CONFLICT (consumer) DO UPDATE SET watermark = greatest(ingest_progress.watermark,
-    EXCLUDED.watermark), updated_at = now()
-"""
-
-
-# Separates the payloads of a batch on their way to Postgres (see _STORE_EVENTS).
+# Separates the payloads of a batch on their way to Postgres (see above).
 RS = b"\x1e"
 
 
@@ -403,29 +354,31 @@ class Ingestor:
             # Maybe the stream dropped old messages (retention): they will never come.
             info = await self.ctx.js.stream_info(self.stream)
             mark = progress.skip_to(info.state.first_seq)
-        async with self.ctx.pool.acquire() as conn, conn.transaction():
-            if self.kind == "events" and good:
-                payloads = RS.join([d.raw for d in good])
-                await conn.execute(_STORE_EVENTS, [d.stream_seq for d in good], payloads)
-                with_variables = [
-                    d.body["build_id"] for d in good if d.body is not None and "variables" in d.body
-                ]
-                if with_variables:
-                    await conn.execute(_FILL_VARIABLES, with_variables)
-            elif good:
-                rows = []
-                for d in good:
-                    assert d.body is not None
-                    b = d.body
-                    rows.append(
-                        (b["build_id"], b["offset"], len(b["data"].encode()), b["data"], b["eof"])
-                    )
-                await conn.execute(_INSERT_CHUNKS, *columns(rows, 5))
-            if bad:
-                await conn.executemany(
-                    _INSERT_REJECTED, [(d.subject, d.stream_seq, d.error, d.raw) for d in bad]
+        args: tuple[Any, ...]
+        if self.kind == "events":
+            fill = [d.body["build_id"] for d in good if d.body and "variables" in d.body]
+            payloads = RS.join([d.raw for d in good])
+            seqs = [d.stream_seq for d in good]
+            statement, args = _STORE_EVENTS, (seqs, payloads, fill)
+        else:
+            rows = []
+            for d in good:
+                assert d.body is not None
+                b = d.body
+                rows.append(
+                    (b["build_id"], b["offset"], len(b["data"].encode()), b["data"], b["eof"])
                 )
-            await conn.execute(_SAVE_PROGRESS, self.consumer, self.kind, mark)
+            statement, args = _STORE_CHUNKS, tuple(columns(rows, 5))
+        async with self.ctx.pool.acquire() as conn:
+            if bad:
+                async with conn.transaction():
+                    await conn.executemany(
+                        _INSERT_REJECTED, [(d.subject, d.stream_seq, d.error, d.raw) for d in bad]
+                    )
+                    await conn.execute(statement, *args, self.consumer, self.kind, mark)
+            else:
+                # One statement: atomic on its own, no BEGIN/COMMIT round trips.
+                await conn.execute(statement, *args, self.consumer, self.kind, mark)
         self.progress = progress
 
     def stop(self) -> None:
