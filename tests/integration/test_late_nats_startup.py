@@ -17,7 +17,6 @@ from tests.stack import Stack
 from tests.support import eventually
 
 
-
 def waiting_for_nats(stack: Stack, name: str) -> bool:
     """nats-py's connect retries by itself (and says so through the error callback);
     what comes after it retries in `bus.until_done`."""
