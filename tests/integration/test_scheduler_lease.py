@@ -80,12 +80,17 @@ async def test_a_scheduler_that_loses_its_lease_stops_answering(settings: Settin
     await bus.ensure_streams(js, settings)
     h = Harness(settings, nc, js, Events())
     await h.start()  # answers claims: it leads
+    holding: asyncio.Task[None] | None = None
     try:
         kv = await _bucket(nc, settings, ttl=1.5)
         usurper = Lease(kv, 1.5, holder="usurper")
         # Take the lease away behind its back, as a standby would after an expiry.
         await kv.delete(LEASE_KEY)
         assert await usurper.try_acquire()
+        # It renews, as a leader does: with a key left to expire (TTL 1.5 s) the deposed
+        # scheduler would lead again before the checks below, on a slow machine.
+        letting_go = asyncio.Event()
+        holding = asyncio.create_task(usurper.hold(letting_go))
 
         async def silent() -> bool:
             try:
@@ -105,6 +110,9 @@ async def test_a_scheduler_that_loses_its_lease_stops_answering(settings: Settin
         assert await _untouched(kv, js, settings, build_id)
 
         # Once the usurper lets go, it leads again and admits what waited.
+        assert usurper.held()
+        letting_go.set()
+        await holding
         await usurper.release()
         sched = await js.key_value(settings.subjects.sched_bucket)
         await eventually(lambda: _stored(sched, build_id), timeout=15)
@@ -112,6 +120,8 @@ async def test_a_scheduler_that_loses_its_lease_stops_answering(settings: Settin
         assert holder != "usurper"
         assert REGISTRY.get_sample_value("xoogify_scheduler_leader") == 1
     finally:
+        if holding is not None:
+            holding.cancel()
         await h.halt()
         await nc.close()
 
