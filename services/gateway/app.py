@@ -135,6 +135,9 @@ class Running:
             _, pending = await asyncio.wait(self.tasks, timeout=5)
             for task in pending:
                 task.cancel()
+            if pending:
+                # Their ends give back the connections they hold, which the pool's close awaits.
+                await asyncio.wait(pending, timeout=5)
         if self.ctx is not None:
             await self.ctx.pub.close()
         if self.nc is not None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 from prometheus_client import Counter, Histogram
@@ -158,6 +159,7 @@ class Ingestor:
         self.consumer = f"ingest-{kind}-{ctx.gateway_id}"
         self.progress = Contiguity()
         self._stopping = asyncio.Event()
+        self._conn: PoolConnectionProxy[Any] | None = None
         # Which consumer (recreated by each _subscribe) delivered a batch: its ack goes only
         # to that one (an ack-all to a newer consumer of the same name could cover
         # messages that consumer handed over and are not stored yet).
@@ -247,6 +249,8 @@ class Ingestor:
             # A subscription left open makes the connection's drain wait it out.
             if puller is not None:
                 await puller.stop()
+            # The pool's close waits for every connection taken from it.
+            await self._drop_connection()
 
     async def _reply(self, msg: Delivery, payload: bytes) -> None:
         # Sent as given, not through `Delivery`'s calls, which send one final reply per
@@ -369,7 +373,8 @@ class Ingestor:
                     (b["build_id"], b["offset"], len(b["data"].encode()), b["data"], b["eof"])
                 )
             statement, args = _STORE_CHUNKS, tuple(columns(rows, 5))
-        async with self.ctx.pool.acquire() as conn:
+        conn = await self._connection()
+        try:
             if bad:
                 async with conn.transaction():
                     await conn.executemany(
@@ -379,7 +384,29 @@ class Ingestor:
             else:
                 # One statement: atomic on its own, no BEGIN/COMMIT round trips.
                 await conn.execute(statement, *args, self.consumer, self.kind, mark)
+        except BaseException:
+            await self._drop_connection()
+            raise
         self.progress = progress
+
+    async def _connection(self) -> PoolConnectionProxy[Any]:
+        """The ingestor's own connection, kept from batch to batch: taking one from the
+        pool and giving it back cost 5-6 % of the gateway's CPU at 20 jobs/s (py-spy), where
+        each event is a batch of its own."""
+        if self._conn is None:
+            self._conn = await self.ctx.pool.acquire()
+        return self._conn
+
+    async def _drop_connection(self) -> None:
+        """Give the connection back after a failure (it may be broken: the pool checks it,
+        and the next batch takes another), or at the end."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            await asyncio.wait_for(self.ctx.pool.release(conn), 5)
+        except Exception:  # the pool's close must not wait for it
+            conn.terminate()
 
     def stop(self) -> None:
         self._stopping.set()

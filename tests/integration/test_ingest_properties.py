@@ -75,7 +75,12 @@ async def ingestor(settings: Settings) -> AsyncIterator[Ingestor]:
     """The real ingestion code on the gateway's pool (migrated Postgres, real NATS); the
     gateway's own consumer has nothing to read, the test feeds batches itself."""
     async with serve_gateway(settings) as gw:
-        yield Ingestor(dataclasses.replace(gw.app.state.ctx, gateway_id="props"), "events")
+        ingestor = Ingestor(dataclasses.replace(gw.app.state.ctx, gateway_id="props"), "events")
+        try:
+            yield ingestor
+        finally:
+            # It keeps a pooled connection between batches; run() would give it back.
+            await ingestor._drop_connection()
 
 
 def stored_view(job: dict[str, Any]) -> dict[str, Any]:

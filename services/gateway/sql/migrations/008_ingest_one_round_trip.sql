@@ -4,12 +4,15 @@
 -- of its own. One function call is one statement, atomic without an explicit transaction
 -- (services/gateway/ingest.py says what each statement does and why).
 --
--- The function's parameters are prefixed `p_` so that none shadows a column name.
+-- The function's parameters are prefixed `p_` so that none shadows a column name. The
+-- gateway's connections plan every statement for its parameters (`force_custom_plan`, for
+-- the lists' partial indexes, services/gateway/db.py); these statements take arrays whose
+-- values change no plan, so theirs are planned once per connection and reused.
 
 CREATE OR REPLACE FUNCTION xoogify_ingest_events(
     p_seqs bigint[], p_payloads bytea, p_fill bigint[],
     p_consumer text, p_kind text, p_mark bigint
-) RETURNS void LANGUAGE plpgsql AS $fn$
+) RETURNS void LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $fn$
 BEGIN
     WITH received AS MATERIALIZED (
         SELECT m.stream_seq, m.payload::jsonb AS payload
@@ -63,7 +66,7 @@ $fn$;
 CREATE OR REPLACE FUNCTION xoogify_ingest_chunks(
     p_build_ids bigint[], p_offsets bigint[], p_sizes int[], p_data text[], p_eof bool[],
     p_consumer text, p_kind text, p_mark bigint
-) RETURNS void LANGUAGE plpgsql AS $fn$
+) RETURNS void LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $fn$
 BEGIN
     IF cardinality(p_build_ids) > 0 THEN
         INSERT INTO job_log_chunks (build_id, "offset", size, data, eof)
