@@ -24,19 +24,24 @@ def waiting_for_nats(stack: Stack, name: str) -> bool:
     return '"msg":"nats error"' in logs or '"msg":"nats not ready; retrying"' in logs
 
 
+async def start_both_waiting(stack: Stack) -> None:
+    """A scheduler and a runner, started with no NATS to connect to, and waiting for it."""
+    await stack.start_scheduler()
+    await stack.start_runner("runner-late")
+
+    async def both_waiting() -> bool:
+        return all(waiting_for_nats(stack, n) for n in ("scheduler", "runner-late"))
+
+    await eventually(both_waiting, timeout=30)
+
+
 async def test_scheduler_and_runner_wait_for_nats(settings: Settings, tmp_path: Path) -> None:
     port = free_port()
     late = dataclasses.replace(settings, nats_url=f"nats://127.0.0.1:{port}")
     stack = Stack(late, tmp_path / "logs")
     server = EmbeddedNats(tmp_path / "late-nats", port=port, log_file=tmp_path / "late.log")
     try:
-        await stack.start_scheduler()
-        await stack.start_runner("runner-late")
-
-        async def both_waiting() -> bool:
-            return all(waiting_for_nats(stack, n) for n in ("scheduler", "runner-late"))
-
-        await eventually(both_waiting, timeout=30)
+        await start_both_waiting(stack)
         server.start()
 
         async def registered() -> bool:
@@ -64,13 +69,7 @@ async def test_sigterm_while_waiting_for_nats(settings: Settings, tmp_path: Path
     late = dataclasses.replace(settings, nats_url=f"nats://127.0.0.1:{free_port()}")
     stack = Stack(late, tmp_path / "logs")
     try:
-        await stack.start_scheduler()
-        await stack.start_runner("runner-late")
-
-        async def both_waiting() -> bool:
-            return all(waiting_for_nats(stack, n) for n in ("scheduler", "runner-late"))
-
-        await eventually(both_waiting, timeout=30)
+        await start_both_waiting(stack)
         for name in ("scheduler", "runner-late"):
             stack.procs[name].send_signal(signal.SIGTERM)
         codes = await asyncio.wait_for(

@@ -9,6 +9,14 @@
 -- the lists' partial indexes, services/gateway/db.py); these statements take arrays whose
 -- values change no plan, so theirs are planned once per connection and reused.
 
+-- The consumer's watermark only ever rises.
+CREATE OR REPLACE FUNCTION xoogify_save_progress(p_consumer text, p_kind text, p_mark bigint)
+RETURNS void LANGUAGE sql AS $fn$
+    INSERT INTO ingest_progress (consumer, kind, watermark) VALUES (p_consumer, p_kind, p_mark)
+    ON CONFLICT (consumer) DO UPDATE SET watermark = greatest(ingest_progress.watermark,
+        EXCLUDED.watermark), updated_at = now();
+$fn$;
+
 CREATE OR REPLACE FUNCTION xoogify_ingest_events(
     p_seqs bigint[], p_payloads bytea, p_fill bigint[],
     p_consumer text, p_kind text, p_mark bigint
@@ -57,9 +65,7 @@ BEGIN
          WHERE jobs.build_id = ANY(p_fill) AND jobs.variables IS NULL
            AND e.build_id = jobs.build_id AND e.payload ? 'variables';
     END IF;
-    INSERT INTO ingest_progress (consumer, kind, watermark) VALUES (p_consumer, p_kind, p_mark)
-    ON CONFLICT (consumer) DO UPDATE SET watermark = greatest(ingest_progress.watermark,
-        EXCLUDED.watermark), updated_at = now();
+    PERFORM xoogify_save_progress(p_consumer, p_kind, p_mark);
 END
 $fn$;
 
@@ -73,8 +79,6 @@ BEGIN
         SELECT * FROM unnest(p_build_ids, p_offsets, p_sizes, p_data, p_eof)
         ON CONFLICT (build_id, "offset") DO NOTHING;
     END IF;
-    INSERT INTO ingest_progress (consumer, kind, watermark) VALUES (p_consumer, p_kind, p_mark)
-    ON CONFLICT (consumer) DO UPDATE SET watermark = greatest(ingest_progress.watermark,
-        EXCLUDED.watermark), updated_at = now();
+    PERFORM xoogify_save_progress(p_consumer, p_kind, p_mark);
 END
 $fn$;
