@@ -84,8 +84,8 @@ class RunnerService:
         self.drain_timeout_s = drain_timeout_s
         self.work_root = work_root
         self.ready = asyncio.Event()
-        self._stop_requested = False
-        self._stopping = asyncio.Event()  # ends the start-up retries
+        # Set by the first stop(); it also ends the start-up retries.
+        self._stopping = asyncio.Event()
         self._worker: Worker | None = None
         self._registry: Registry | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -97,12 +97,11 @@ class RunnerService:
     def stop(self) -> None:
         """Begin the drain (safe to call from a signal handler). A second call ends the
         running job now instead of at the drain deadline."""
-        if self._stop_requested:
+        if self._stopping.is_set():
             if self._worker is not None:
                 log.info("second stop request: cancelling the running job now")
                 self._worker.request_stop()
             return
-        self._stop_requested = True
         self._stopping.set()
         log.info("drain requested", extra={"runner_id": self.runner_id})
         if self._worker is not None:
@@ -154,8 +153,8 @@ class RunnerService:
             "runner registered",
             extra={"runner_id": self.runner_id, "arch": self.arch, "kinds": ",".join(self.kinds)},
         )
-        if self._stop_requested:  # a signal came while connecting
-            self._stop_requested = False
+        if self._stopping.is_set():  # a signal came while connecting
+            self._stopping.clear()
             self.stop()
         self.ready.set()
         try:
