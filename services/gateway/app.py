@@ -148,6 +148,11 @@ class Running:
         log.info("gateway stopped")
 
 
+def _log_start_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("gateway start-up failed", exc_info=task.exception())
+
+
 class WaitForStart:
     """Until the start-up task is done, answer 503 (HTTP, JSON) or close 1013 (websocket,
     "try again later") instead of failing on a context that does not exist yet."""
@@ -184,6 +189,9 @@ def create_app(settings: Settings, gateway_id: str = "gw") -> Starlette:
         running = Running()
         app.state.started = asyncio.Event()
         starting = asyncio.create_task(running.start(app, settings, gateway_id, keys))
+        # Start-up waits out NATS and Postgres (bus.until_done, _connect_postgres); anything
+        # else that ends it after START_WAIT_S would leave a gateway answering 503 unsaid.
+        starting.add_done_callback(_log_start_failure)
         await asyncio.wait([starting], timeout=START_WAIT_S)
         if starting.done() and starting.exception() is not None:
             raise RuntimeError("gateway start-up failed") from starting.exception()
