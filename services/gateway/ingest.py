@@ -3,10 +3,12 @@
 A durable pull consumer per gateway and stream; each fetched batch is written in ONE
 transaction (jobs collapsed to the highest `seq` per build first, events keyed by
 `event_id`, chunks by `(build_id, offset)`, all idempotent), committed, then acked with one
-ack for the whole batch. Nothing is acked before it is stored; a redelivery is harmless. A
-malformed message is recorded in `rejected_messages` in the same transaction, counted, then
-terminated: it never blocks. If Postgres is down the batch is kept and retried until it is
-back. docs/internals.md ("Ingestion") says why one ack per batch is safe.
+ack for the whole batch. Two event batches may be in their transactions at once (on two
+connections); acks go out in the order the batches were read. Nothing is acked before it
+and everything read before it are stored; a redelivery is harmless. A malformed message is
+recorded in `rejected_messages` in the same transaction, counted, then terminated: it never
+blocks. If Postgres is down the batch is kept and retried until it is back.
+docs/internals.md ("Ingestion") says why one ack per batch is safe.
 """
 
 from __future__ import annotations
@@ -28,11 +30,14 @@ from services.common import schemas
 from services.common.metrics import REJECTED
 from services.common.pull import ACK, IN_PROGRESS, TERM, Delivery, PullReader, reply_stream_seq
 from services.gateway.context import GatewayContext
+from services.gateway.landing import InOrder
 from services.gateway.watermark import Contiguity
 
 log = logging.getLogger(__name__)
 
 BATCH = 1000
+# Event batches stored at once, each in its own transaction (see Ingestor.__init__).
+STORES = 2
 # Fetched but not yet acked, per consumer: a few batches in the pipeline.
 MAX_ACK_PENDING = 20 * BATCH
 # How long a fetch waits when nothing is delivered (and a pull request lives).
@@ -80,6 +85,7 @@ _STORE_CHUNKS = """
 SELECT xoogify_ingest_chunks($1::bigint[], $2::bigint[], $3::int[], $4::text[], $5::bool[],
                              $6, $7, $8)
 """
+_SAVE_PROGRESS = "SELECT xoogify_save_progress($1, $2, $3)"
 _INSERT_REJECTED = """
 INSERT INTO rejected_messages (subject, stream_seq, error, payload) VALUES ($1, $2, $3, $4)
 """
@@ -100,6 +106,13 @@ def _error_text(text: str) -> str:
     """An error as `rejected_messages.error` can hold it: bounded, and no NUL (Postgres text
     cannot store one; the error may quote the bad value)."""
     return text[:2000].replace("\x00", "\\u0000")
+
+
+@dataclass(slots=True, eq=False)
+class _Batch:
+    msgs: list[Delivery]
+    decoded: list[Decoded]
+    generation: int  # of the consumer that delivered it (see Ingestor._generation)
 
 
 Check = Callable[[str, dict[str, Any]], "str | None"]
@@ -159,7 +172,18 @@ class Ingestor:
         self.consumer = f"ingest-{kind}-{ctx.gateway_id}"
         self.progress = Contiguity()
         self._stopping = asyncio.Event()
-        self._conn: PoolConnectionProxy[Any] | None = None
+        # Batches stored at once: one Postgres backend storing batch after batch was the
+        # bottleneck of a backlog (about 80 % of a core, the gateway waiting on it, the
+        # other core mostly idle). Logs stay one at a time: a follower reading Postgres
+        # must never see a later chunk of a job without the earlier ones.
+        self.stores = STORES if kind == "events" else 1
+        self._storing: set[asyncio.Task[None]] = set()
+        self._landing: InOrder[_Batch] = InOrder()
+        # The stream sequences of each batch in a transaction now.
+        self._in_store: list[list[int]] = []
+        # Connections kept between batches; the highest watermark a batch has saved.
+        self._idle: list[PoolConnectionProxy[Any]] = []
+        self._saved = 0
         # Which consumer (recreated by each _subscribe) delivered a batch: its ack goes only
         # to that one (an ack-all to a newer consumer of the same name could cover
         # messages that consumer handed over and are not stored yet).
@@ -183,8 +207,9 @@ class Ingestor:
             # (about 5 us of CPU per event between the gateway and nats-server). Safe
             # because every message up to that sequence that this consumer handed over
             # is stored by then: first deliveries come in stream order, batches are
-            # stored in order, a batch is retried until stored (never skipped), and a
-            # batch is acked only to the consumer that delivered it (`_generation`).
+            # acked in the order they were read (`InOrder`), a batch is retried until
+            # stored (never skipped), and a batch is acked only to the consumer that
+            # delivered it (`_generation`).
             ack_policy=AckPolicy.ALL,
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
             opt_start_seq=self.progress.watermark + 1,
@@ -205,22 +230,26 @@ class Ingestor:
                     "SELECT watermark FROM ingest_progress WHERE consumer = $1", self.consumer
                 )
                 self.progress = Contiguity(int(mark or 0))
+                self._saved = self.progress.watermark
                 return
             except POSTGRES_AWAY as exc:
                 log.warning("waiting for postgres", extra={"error": repr(exc)})
                 await asyncio.sleep(1)
 
     async def run(self) -> None:
-        """Fetch → decode → store → ack, with the next batch fetched and decoded while the
-        previous one is being stored (stores stay one at a time, in order)."""
+        """Fetch → decode → store → ack, with the next batches fetched and decoded while
+        earlier ones are being stored (`self.stores` at once, acked in order)."""
         await self._load_progress()
         puller: PullReader | None = None
         generation = 0
-        storing: asyncio.Task[None] | None = None
         try:
             while not self._stopping.is_set():
                 try:
                     if puller is None:
+                        # A new consumer reads again from the watermark: nothing it delivers
+                        # may still be on its way into Postgres under the old one (the same
+                        # events in two transactions at once could deadlock).
+                        await self._drain()
                         puller = await self._subscribe()
                         generation = self._generation
                     msgs = await puller.fetch(timeout=FETCH_WAIT_S)
@@ -237,20 +266,27 @@ class Ingestor:
                     continue
                 if not msgs:
                     continue
-                decoded = [_decode(m, self.schema, self.check) for m in msgs]
-                if storing is not None:
-                    await storing
-                storing = asyncio.create_task(self._store_batch(msgs, decoded, generation))
+                batch = _Batch(
+                    msgs, [_decode(m, self.schema, self.check) for m in msgs], generation
+                )
+                while len(self._storing) >= self.stores:
+                    await asyncio.wait(self._storing, return_when=asyncio.FIRST_COMPLETED)
+                self._landing.start(batch)
+                task = asyncio.create_task(self._store_batch(batch))
+                self._storing.add(task)
+                task.add_done_callback(self._storing.discard)
         finally:
-            if storing is not None:
-                # Let a batch in hand finish its transaction and acks.
-                with contextlib.suppress(Exception):
-                    await storing
+            # Let the batches in hand finish their transactions and acks.
+            await self._drain()
             # A subscription left open makes the connection's drain wait it out.
             if puller is not None:
                 await puller.stop()
             # The pool's close waits for every connection taken from it.
-            await self._drop_connection()
+            await self._drop_connections()
+
+    async def _drain(self) -> None:
+        if self._storing:
+            await asyncio.gather(*self._storing, return_exceptions=True)
 
     async def _reply(self, msg: Delivery, payload: bytes) -> None:
         # Sent as given, not through `Delivery`'s calls, which send one final reply per
@@ -267,13 +303,12 @@ class Ingestor:
         await asyncio.sleep(delay)
         return min(delay * 2, cap)
 
-    async def _store_batch(
-        self, msgs: list[Delivery], decoded: list[Decoded], generation: int
-    ) -> None:
+    async def _store_batch(self, batch: _Batch) -> None:
         delay = 1.0
         while True:
             try:
-                await self._store_until_done(msgs, decoded, generation)
+                if await self._store_until_done(batch):
+                    await self._acknowledge(self._landing.land(batch))
                 return
             except asyncio.CancelledError:
                 raise
@@ -284,53 +319,59 @@ class Ingestor:
                 log.exception("ingest batch failed; retrying", extra={"kind": self.kind})
                 if self._stopping.is_set():
                     return
-                delay = await self._keep(msgs, delay, cap=30.0)
+                delay = await self._keep(batch.msgs, delay, cap=30.0)
 
-    async def _store_until_done(
-        self, msgs: list[Delivery], decoded: list[Decoded], generation: int
-    ) -> None:
+    async def _store_until_done(self, batch: _Batch) -> bool:
+        """Store the batch, waiting out a Postgres that is away; False if the gateway
+        stopped first (the batch stays unacked)."""
         delay = 0.2
         while True:
             try:
-                await self._store(decoded)
-                break
+                await self._store(batch.decoded)
+                return True
             except asyncpg.DataError:
                 # A value Postgres cannot store (a NUL in text, …): retrying the batch would
                 # block the stream for good. Find the culprits and reject them instead.
-                await self._store_one_by_one(decoded)
-                break
+                await self._store_one_by_one(batch.decoded)
+                return True
             except POSTGRES_AWAY as exc:
                 if self._stopping.is_set():
-                    return  # unacked: read again from the watermark at the next start
+                    return False  # unacked: read again from the watermark at the next start
                 # Postgres is away: keep the batch (tell JetStream we are still on it).
                 log.warning("ingest store failed; retrying", extra={"error": repr(exc)})
-                delay = await self._keep(msgs, delay, cap=5.0)
-        # Committed: now, and only now, the terms of what was rejected and the ack of the
-        # batch (its highest stream sequence: the consumer acks everything up to it).
-        rejected = 0
-        if generation == self._generation:
-            for m, d in zip(msgs, decoded, strict=True):
-                if d.error is not None:
-                    rejected += 1
+                delay = await self._keep(batch.msgs, delay, cap=5.0)
+
+    async def _acknowledge(self, ready: list[_Batch]) -> None:
+        """Batches stored, with every batch read before them: now, and only now, the terms
+        of what was rejected and one ack (the highest stream sequence of the last of them
+        from the current consumer: the consumer acks everything up to it)."""
+        top: Delivery | None = None
+        for batch in ready:
+            current = batch.generation == self._generation
+            rejected = 0
+            for m, d in zip(batch.msgs, batch.decoded, strict=True):
+                if d.error is None:
+                    continue
+                rejected += 1
+                REJECTED.labels("gateway", self.subject).inc()
+                log.warning(
+                    "message rejected",
+                    extra={"subject": d.subject, "stream_seq": d.stream_seq, "error": d.error},
+                )
+                # A batch whose consumer was replaced meanwhile gets no reply: the new one
+                # reads it again from the watermark (storing it again is harmless).
+                if current:
                     with contextlib.suppress(Exception):
                         await self._reply(m, TERM)
-            top = max(zip(decoded, msgs, strict=True), key=lambda pair: pair[0].stream_seq)[1]
+            if current:
+                top = max(
+                    zip(batch.decoded, batch.msgs, strict=True), key=lambda p: p[0].stream_seq
+                )[1]
+            BATCH_SIZE.labels(self.kind).observe(len(batch.msgs))
+            INGESTED.labels(self.kind).inc(len(batch.msgs) - rejected)
+        if top is not None:
             with contextlib.suppress(Exception):
                 await self._reply(top, ACK)
-        else:
-            # Its consumer was replaced meanwhile; the new one reads it again from the
-            # watermark (storing it again is harmless).
-            rejected = sum(1 for d in decoded if d.error is not None)
-        if rejected:
-            for d in decoded:
-                if d.error is not None:
-                    REJECTED.labels("gateway", self.subject).inc()
-                    log.warning(
-                        "message rejected",
-                        extra={"subject": d.subject, "stream_seq": d.stream_seq, "error": d.error},
-                    )
-        BATCH_SIZE.labels(self.kind).observe(len(msgs))
-        INGESTED.labels(self.kind).inc(len(msgs) - rejected)
 
     async def _store_one_by_one(self, decoded: list[Decoded]) -> None:
         """Store each message alone; one that Postgres refuses is recorded as rejected (in
@@ -345,19 +386,26 @@ class Ingestor:
                 await self._store([decoded[i]])
 
     async def _store(self, decoded: list[Decoded]) -> None:
+        """Store one batch in one transaction on a connection of its own, and advance
+        `progress` once it has committed."""
         good = [d for d in decoded if d.error is None]
         bad = [d for d in decoded if d.error is not None]
-        # Advance a copy; it becomes ours only once the transaction has committed.
-        progress = self.progress.copy()
-        mark = progress.add(d.stream_seq for d in decoded)
-        if (
-            self.kind == "events"
-            and progress.waiting
-            and min(d.stream_seq for d in decoded) > mark + 1
-        ):
-            # Maybe the stream dropped old messages (retention): they will never come.
-            info = await self.ctx.js.stream_info(self.stream)
-            mark = progress.skip_to(info.state.first_seq)
+        own = [d.stream_seq for d in decoded]
+        # The watermark saved with the batch counts only what has committed and the batch
+        # itself, never a batch still being stored beside it (it may yet fail).
+        mark = self.progress.copy().add(own)
+        skip_to = None
+        if self.kind == "events":
+            expected = self.progress.copy()
+            for seqs in self._in_store:
+                expected.add(seqs)
+            if expected.add(own) + 1 < min(own):
+                # A hole that no batch in hand fills: maybe the stream dropped old
+                # messages (retention), and they will never come.
+                skip_to = (await self.ctx.js.stream_info(self.stream)).state.first_seq
+                progress = self.progress.copy()
+                progress.add(own)
+                mark = progress.skip_to(skip_to)
         args: tuple[Any, ...]
         if self.kind == "events":
             fill = [d.body["build_id"] for d in good if d.body and "variables" in d.body]
@@ -373,40 +421,70 @@ class Ingestor:
                     (b["build_id"], b["offset"], len(b["data"].encode()), b["data"], b["eof"])
                 )
             statement, args = _STORE_CHUNKS, tuple(columns(rows, 5))
-        conn = await self._connection()
+        self._in_store.append(own)
         try:
-            if bad:
-                async with conn.transaction():
-                    await conn.executemany(
-                        _INSERT_REJECTED, [(d.subject, d.stream_seq, d.error, d.raw) for d in bad]
-                    )
+            conn = await self._connection()
+            try:
+                if bad:
+                    async with conn.transaction():
+                        await conn.executemany(
+                            _INSERT_REJECTED,
+                            [(d.subject, d.stream_seq, d.error, d.raw) for d in bad],
+                        )
+                        await conn.execute(statement, *args, self.consumer, self.kind, mark)
+                else:
+                    # One statement: atomic on its own, no BEGIN/COMMIT round trips.
                     await conn.execute(statement, *args, self.consumer, self.kind, mark)
-            else:
-                # One statement: atomic on its own, no BEGIN/COMMIT round trips.
-                await conn.execute(statement, *args, self.consumer, self.kind, mark)
-        except BaseException:
-            await self._drop_connection()
-            raise
-        self.progress = progress
+            except BaseException:
+                await self._drop(conn)
+                raise
+            self.progress.add(own)
+            if skip_to is not None:
+                self.progress.skip_to(skip_to)
+            self._saved = max(self._saved, mark)
+        finally:
+            self._in_store.remove(own)
+        if await self._catch_up(conn):
+            self._idle.append(conn)
+
+    async def _catch_up(self, conn: PoolConnectionProxy[Any]) -> bool:
+        """With nothing else being stored, save the watermark if the batches' own marks
+        fell short of it: a batch that committed while an earlier one was still being
+        stored could not count itself. Under a steady flow the next batch carries it.
+        False if the connection failed (and was given back)."""
+        if self._in_store or self.progress.watermark <= self._saved:
+            return True
+        mark = self.progress.watermark
+        try:
+            await conn.execute(_SAVE_PROGRESS, self.consumer, self.kind, mark)
+        except POSTGRES_AWAY as exc:
+            # The batch is stored; the next one carries the watermark.
+            log.warning("ingest watermark not saved", extra={"error": repr(exc)})
+            await self._drop(conn)
+            return False
+        self._saved = max(self._saved, mark)
+        return True
 
     async def _connection(self) -> PoolConnectionProxy[Any]:
-        """The ingestor's own connection, kept from batch to batch: taking one from the
-        pool and giving it back cost 5-6 % of the gateway's CPU at 20 jobs/s (py-spy), where
-        each event is a batch of its own."""
-        if self._conn is None:
-            self._conn = await self.ctx.pool.acquire()
-        return self._conn
+        """A connection the ingestor keeps from batch to batch, one per batch being stored:
+        taking one from the pool and giving it back cost 5-6 % of the gateway's CPU at 20
+        jobs/s (py-spy), where each event is a batch of its own."""
+        if self._idle:
+            return self._idle.pop()
+        return await self.ctx.pool.acquire()
 
-    async def _drop_connection(self) -> None:
-        """Give the connection back after a failure (it may be broken: the pool checks it,
-        and the next batch takes another), or at the end."""
-        conn, self._conn = self._conn, None
-        if conn is None:
-            return
+    async def _drop(self, conn: PoolConnectionProxy[Any]) -> None:
+        """Give a connection back to the pool: after a failure (it may be broken: the pool
+        checks it, and the next batch takes another), or at the end."""
         try:
             await asyncio.wait_for(self.ctx.pool.release(conn), 5)
         except Exception:  # the pool's close must not wait for it
             conn.terminate()
+
+    async def _drop_connections(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await self._drop(conn)
 
     def stop(self) -> None:
         self._stopping.set()

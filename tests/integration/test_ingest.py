@@ -14,6 +14,7 @@ import pytest
 from services.common import codec
 from services.common.config import Settings
 from services.common.embedded import EmbeddedNats
+from services.common.pull import ACK, reply_stream_seq
 from services.gateway.context import GatewayContext
 from services.gateway.ingest import Decoded, Ingestor
 from tests.integration.ws_support import job_event, publisher, serve_gateway
@@ -270,7 +271,7 @@ async def test_watermark_counts_only_a_contiguous_prefix(settings: Settings) -> 
             assert await mark() == 4
         finally:
             # It keeps a pooled connection between batches; run() would give it back.
-            await ingestor._drop_connection()
+            await ingestor._drop_connections()
 
 
 async def test_ingestion_carries_on_after_a_nats_restart(
@@ -300,3 +301,72 @@ async def test_ingestion_carries_on_after_a_nats_restart(
         await eventually(lambda: stored_up_to(after[-1]), timeout=45)
     assert await fetchval(settings, "SELECT count(*) FROM job_events") == 6
     assert await fetchval(settings, "SELECT status FROM jobs WHERE build_id = 2") == "SUCCESS"
+
+
+async def test_a_batch_that_commits_first_is_acked_after_the_one_read_before_it(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two event batches are stored at once, and the later may commit first. Its ack
+    covers every message before it and the watermark says everything up to it is stored,
+    so neither may pass the earlier batch until that one has committed too; then the
+    watermark catches up with both, though each batch's own mark could not count the
+    other."""
+    original_reply = Ingestor._reply
+    acked: list[int] = []
+
+    async def recorded(self: Ingestor, msg: Any, payload: bytes) -> None:
+        if self.kind == "events" and payload == ACK:
+            acked.append(reply_stream_seq(msg.reply))
+        await original_reply(self, msg, payload)
+
+    monkeypatch.setattr(Ingestor, "_reply", recorded)
+    mark = "SELECT coalesce(max(watermark), 0) FROM ingest_progress WHERE kind = 'events'"
+    blocker = await asyncpg.connect(settings.database_url)
+    async with publisher(settings) as pub, serve_gateway(settings) as gw:
+        # The first event's row, inserted and not committed: the batch that stores the
+        # event waits for this transaction, in Postgres, after taking its watermark.
+        hold = blocker.transaction()
+        await hold.start()
+        await blocker.execute(
+            "INSERT INTO job_events (event_id, build_id, seq, status, at, stream_seq, payload)"
+            " VALUES ('1-1', 1, 1, 'IN-PROGRESS', now(), 1, '{}')"
+        )
+        first = await pub.event(job_event(1, 1))
+
+        async def first_waits() -> bool:
+            waiting = await fetchval(
+                settings,
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND query LIKE '%xoogify_ingest_events%'",
+            )
+            return bool(waiting)
+
+        await eventually(first_waits, timeout=15)
+        later = [await pub.event(job_event(build_id, 1)) for build_id in (2, 3, 4)]
+
+        async def later_stored() -> bool:
+            count = await fetchval(
+                settings, "SELECT count(*) FROM job_events WHERE build_id IN (2, 3, 4)"
+            )
+            return bool(count == 3)
+
+        await eventually(later_stored, timeout=15)
+        # Nothing is acked, and the watermark has not moved past the hole.
+        assert acked == []
+        assert await fetchval(settings, mark) < first
+        await hold.rollback()
+
+        async def caught_up() -> bool:
+            return bool(await fetchval(settings, mark) == later[-1])
+
+        await eventually(caught_up, timeout=15)
+        consumer = f"ingest-events-{gw.app.state.ctx.gateway_id}"
+
+        async def acked_up_to_the_last() -> bool:
+            info = await pub.js.consumer_info(settings.subjects.events_stream, consumer)
+            return bool(info.ack_floor.stream_seq == later[-1])
+
+        await eventually(acked_up_to_the_last, timeout=15)
+    await blocker.close()
+    assert acked == sorted(acked) and acked[-1] == later[-1]
+    assert await fetchval(settings, "SELECT count(*) FROM job_events") == 4

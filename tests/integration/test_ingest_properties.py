@@ -80,7 +80,7 @@ async def ingestor(settings: Settings) -> AsyncIterator[Ingestor]:
             yield ingestor
         finally:
             # It keeps a pooled connection between batches; run() would give it back.
-            await ingestor._drop_connection()
+            await ingestor._drop_connections()
 
 
 def stored_view(job: dict[str, Any]) -> dict[str, Any]:
