@@ -12,6 +12,7 @@ import glob
 import importlib.util
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -23,11 +24,53 @@ from pathlib import Path
 
 from services.common.children import pdeathsig_preexec
 
+# Where `free_port` looks: below the kernel's ephemeral range (see there).
+_PORTS_FROM = 10_000
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+# Ports this process has handed out: never twice, though the first server may not have
+# bound its port yet.
+_handed: set[int] = set()
+# Its own generator: a test framework that seeds `random` must not make two processes
+# draw the same ports.
+_random = random.SystemRandom()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768  # Linux's default
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
 
 def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a server about to be started on it.
+
+    Not one the kernel picks for `bind(0)`: those come from the ephemeral range, from
+    which it also picks the local port of every outgoing connection, so a client of
+    Postgres or NATS could take the port before the server binds it (a test then failed
+    with "address in use"). So a random port below that range, bindable now, and not
+    handed out before by this process."""
+    upper = _ephemeral_low()
+    if upper - _PORTS_FROM >= 1_000:
+        for _ in range(200):
+            port = _random.randrange(_PORTS_FROM, upper)
+            if port not in _handed and _bindable(port):
+                _handed.add(port)
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        port = int(sock.getsockname()[1])
+    _handed.add(port)
+    return port
 
 
 def wait_for_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
