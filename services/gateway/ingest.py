@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 BATCH = 1000
 # Event batches stored at once, each in its own transaction (see Ingestor.__init__).
 STORES = 2
+# Only batches of at least this many messages are stored beside another.
+BESIDE_FROM = 100
 # Fetched but not yet acked, per consumer: a few batches in the pipeline.
 MAX_ACK_PENDING = 20 * BATCH
 # How long a fetch waits when nothing is delivered (and a pull request lives).
@@ -269,7 +271,11 @@ class Ingestor:
                 batch = _Batch(
                     msgs, [_decode(m, self.schema, self.check) for m in msgs], generation
                 )
-                while len(self._storing) >= self.stores:
+                # A small batch (a low rate) waits for the one being stored: beside it, it
+                # would save no time, and could not count itself in its watermark (one
+                # more commit to catch that up, measured at 20 jobs/s).
+                limit = self.stores if len(msgs) >= BESIDE_FROM else 1
+                while len(self._storing) >= limit:
                     await asyncio.wait(self._storing, return_when=asyncio.FIRST_COMPLETED)
                 self._landing.start(batch)
                 task = asyncio.create_task(self._store_batch(batch))

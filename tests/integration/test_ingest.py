@@ -15,6 +15,7 @@ from services.common import codec
 from services.common.config import Settings
 from services.common.embedded import EmbeddedNats
 from services.common.pull import ACK, reply_stream_seq
+from services.gateway import ingest
 from services.gateway.context import GatewayContext
 from services.gateway.ingest import Decoded, Ingestor
 from tests.integration.ws_support import job_event, publisher, serve_gateway
@@ -320,6 +321,8 @@ async def test_a_batch_that_commits_first_is_acked_after_the_one_read_before_it(
         await original_reply(self, msg, payload)
 
     monkeypatch.setattr(Ingestor, "_reply", recorded)
+    # Batches of any size go beside another (by default only those of a backlog).
+    monkeypatch.setattr(ingest, "BESIDE_FROM", 1)
     mark = "SELECT coalesce(max(watermark), 0) FROM ingest_progress WHERE kind = 'events'"
     blocker = await asyncpg.connect(settings.database_url)
     async with publisher(settings) as pub, serve_gateway(settings) as gw:
