@@ -59,6 +59,9 @@ class Settings:
     heartbeat_s: float = 5.0
     cancel_grace_s: float = 10.0
     log_cap_bytes: int = 64 * 1024 * 1024
+    # Gateway: how long ingestion waits for more after a batch that is not full (what it
+    # stores is that much later in Postgres, and it does a fraction of the work per event).
+    ingest_linger_s: float = 0.005
     # Shared by the scheduler (issues per-job Terraform state credentials) and the gateway
     # (checks them); empty means the state backend refuses everyone.
     state_secret: str = ""
@@ -101,6 +104,7 @@ class Settings:
             heartbeat_s=_float(env, "XOOGIFY_HEARTBEAT_S", 5.0),
             cancel_grace_s=_float(env, "XOOGIFY_CANCEL_GRACE_S", 10.0),
             log_cap_bytes=_int(env, "XOOGIFY_LOG_CAP_BYTES", 64 * 1024 * 1024),
+            ingest_linger_s=_float(env, "XOOGIFY_INGEST_LINGER_S", 0.005),
             state_secret=env.get("XOOGIFY_STATE_SECRET") or "",
             secrets_public_key=env.get("XOOGIFY_SECRETS_PUBLIC_KEY") or "",
             secrets_private_key=env.get("XOOGIFY_SECRETS_PRIVATE_KEY") or "",

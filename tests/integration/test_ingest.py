@@ -373,3 +373,20 @@ async def test_a_batch_that_commits_first_is_acked_after_the_one_read_before_it(
     await blocker.close()
     assert acked == sorted(acked) and acked[-1] == later[-1]
     assert await fetchval(settings, "SELECT count(*) FROM job_events") == 4
+
+
+async def test_what_arrives_within_the_linger_is_stored_in_one_transaction(
+    settings: Settings,
+) -> None:
+    """At a low rate, messages arriving within the linger after a batch that is not full
+    are stored with it: one transaction (one commit), not one per event."""
+    lingering = dataclasses.replace(settings, ingest_linger_s=2.0)
+    async with publisher(lingering) as pub, serve_gateway(lingering):
+        await pub.event(job_event(1, 1))
+        # Spaced as a job's events are, well inside the linger (the input, not a wait).
+        await asyncio.sleep(0.2)
+        await pub.event(job_event(1, 2, "WORKING"))
+        await wait_events(settings, 2)
+    transactions = "SELECT count(DISTINCT xmin::text) FROM job_events"
+    assert await fetchval(settings, transactions) == 1
+    assert await fetchval(settings, "SELECT status FROM jobs WHERE build_id = 1") == "WORKING"
