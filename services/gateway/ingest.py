@@ -256,6 +256,8 @@ class Ingestor:
                         puller = await self._subscribe()
                         generation = self._generation
                     msgs = await puller.fetch(timeout=FETCH_WAIT_S)
+                    if msgs and len(msgs) < BATCH and self.linger_s > 0:
+                        msgs += await self._linger(puller, len(msgs))
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # NATS down or restarting: try again shortly
@@ -269,8 +271,6 @@ class Ingestor:
                     continue
                 if not msgs:
                     continue
-                if len(msgs) < BATCH and self.linger_s > 0:
-                    msgs += await self._linger(puller, len(msgs))
                 batch = _Batch(
                     msgs, [_decode(m, self.schema, self.check) for m in msgs], generation
                 )
