@@ -483,10 +483,12 @@ class Ingestor:
         mark = self.progress.watermark
         try:
             await conn.execute(_SAVE_PROGRESS, self.consumer, self.kind, mark)
-        except POSTGRES_AWAY as exc:
+        except BaseException as exc:
+            await self._drop(conn)
+            if not isinstance(exc, POSTGRES_AWAY):
+                raise
             # The batch is stored; the next one carries the watermark.
             log.warning("ingest watermark not saved", extra={"error": repr(exc)})
-            await self._drop(conn)
             return False
         self._saved = max(self._saved, mark)
         return True
