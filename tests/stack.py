@@ -49,6 +49,7 @@ def settings_env(settings: Settings, role: str | None = None) -> dict[str, str]:
             "XOOGIFY_CANCEL_GRACE_S": str(settings.cancel_grace_s),
             "XOOGIFY_QUEUE_TIMEOUT_S": str(settings.queue_timeout_s),
             "XOOGIFY_LOG_CAP_BYTES": str(settings.log_cap_bytes),
+            "XOOGIFY_INGEST_LINGER_S": str(settings.ingest_linger_s),
             "XOOGIFY_STATE_SECRET": settings.state_secret,
             "XOOGIFY_STREAM_REPLICAS": str(settings.stream_replicas),
             "XOOGIFY_LEADER_TTL_S": str(settings.leader_ttl_s),
