@@ -144,7 +144,13 @@ class Running:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.nc.drain(), 5)
         if self.pool is not None:
-            await self.pool.close()
+            try:
+                # It waits for every connection taken from it: bounded, so that a holder
+                # that never gives one back cannot keep the gateway from stopping.
+                await asyncio.wait_for(self.pool.close(), 5)
+            except TimeoutError:
+                log.warning("postgres pool not closed in time; connections terminated")
+                self.pool.terminate()
         log.info("gateway stopped")
 
 

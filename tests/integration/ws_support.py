@@ -9,6 +9,7 @@ import contextlib
 import os
 import socket
 import struct
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -148,7 +149,13 @@ async def serve_gateway(settings: Settings) -> AsyncIterator[Gateway]:
         yield Gateway(app, settings.gateway_url)
     finally:
         server.should_exit = True
-        await asyncio.wait_for(task, 30)
+        try:
+            await asyncio.wait_for(task, 30)
+        except TimeoutError:
+            # What the gateway was still waiting for: CI keeps only the output.
+            for other in asyncio.all_tasks():
+                other.print_stack(limit=8, file=sys.stderr)
+            raise
 
 
 class RawWs:
