@@ -8,7 +8,6 @@ is stored too. Pure bookkeeping, unit-tested without servers.
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -16,21 +15,29 @@ T = TypeVar("T")
 
 class InOrder(Generic[T]):
     def __init__(self) -> None:
-        self._open: deque[T] = deque()
-        self._landed: set[int] = set()
+        # Started and not yet handed back, oldest first, by identity (an open item is
+        # alive, so no other object has its id); the flag says whether it has landed.
+        self._open: dict[int, tuple[T, bool]] = {}
 
     def start(self, item: T) -> None:
         """An item began (after every item started before it)."""
-        self._open.append(item)
+        self._open[id(item)] = (item, False)
 
     def land(self, item: T) -> list[T]:
-        """`item` is done; return the items now done with every earlier one, in order."""
-        self._landed.add(id(item))
+        """`item` is done; return the items now done with every earlier one, in order. An
+        item that is not open (handed back already) changes nothing."""
+        key = id(item)
+        if key not in self._open:
+            return []
+        self._open[key] = (item, True)  # a new value keeps the key's place
         ready: list[T] = []
-        while self._open and id(self._open[0]) in self._landed:
-            first = self._open.popleft()
-            self._landed.discard(id(first))
-            ready.append(first)
+        while self._open:
+            first = next(iter(self._open))
+            done, landed = self._open[first]
+            if not landed:
+                break
+            del self._open[first]
+            ready.append(done)
         return ready
 
     def __len__(self) -> int:

@@ -56,3 +56,18 @@ def test_whatever_order_they_land_in_they_come_out_in_start_order(landing: list[
         assert out == list(range(prefix))
     assert out == list(range(8))
     assert len(order) == 0
+
+
+def test_landing_again_after_being_handed_back_changes_nothing() -> None:
+    # A batch whose ack step failed is stored and landed again. That must leave no mark: a
+    # later object may get the same id (here: the same object started again).
+    order: InOrder[Batch] = InOrder()
+    first, second = Batch(1), Batch(2)
+    order.start(first)
+    assert order.land(first) == [first]
+    assert order.land(first) == []
+    order.start(first)
+    order.start(second)
+    assert order.land(second) == []
+    assert len(order) == 2
+    assert order.land(first) == [first, second]
