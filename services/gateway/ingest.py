@@ -419,18 +419,17 @@ class Ingestor:
         own = [d.stream_seq for d in decoded]
         # The watermark saved with the batch counts only what has committed and the batch
         # itself, never a batch still being stored beside it (it may yet fail).
-        mark = self.progress.copy().add(own)
+        progress = self.progress.copy()
+        mark = progress.add(own)
         skip_to = None
-        if self.kind == "events":
-            expected = self.progress.copy()
+        if self.kind == "events" and mark + 1 < min(own):
+            expected = progress.copy()
             for seqs in self._in_store:
                 expected.add(seqs)
-            if expected.add(own) + 1 < min(own):
+            if expected.watermark + 1 < min(own):
                 # A hole that no batch in hand fills: maybe the stream dropped old
                 # messages (retention), and they will never come.
                 skip_to = (await self.ctx.js.stream_info(self.stream)).state.first_seq
-                progress = self.progress.copy()
-                progress.add(own)
                 mark = progress.skip_to(skip_to)
         args: tuple[Any, ...]
         if self.kind == "events":
