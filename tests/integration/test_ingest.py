@@ -381,10 +381,17 @@ async def test_what_arrives_within_the_linger_is_stored_in_one_transaction(
     """At a low rate, messages arriving within the linger after a batch that is not full
     are stored with it: one transaction (one commit), not one per event."""
     lingering = dataclasses.replace(settings, ingest_linger_s=2.0)
-    async with publisher(lingering) as pub, serve_gateway(lingering):
-        await pub.event(job_event(1, 1))
-        # Spaced as a job's events are, well inside the linger (the input, not a wait).
-        await asyncio.sleep(0.2)
+    async with publisher(lingering) as pub, serve_gateway(lingering) as gw:
+        first = await pub.event(job_event(1, 1))
+        consumer = f"ingest-events-{gw.app.state.ctx.gateway_id}"
+
+        async def first_delivered() -> bool:
+            info = await pub.js.consumer_info(lingering.subjects.events_stream, consumer)
+            return bool(info.delivered.stream_seq >= first)
+
+        # The next event comes only once ingestion holds the first (without the linger,
+        # it would store it alone now).
+        await eventually(first_delivered, timeout=15)
         await pub.event(job_event(1, 2, "WORKING"))
         await wait_events(settings, 2)
     transactions = "SELECT count(DISTINCT xmin::text) FROM job_events"
