@@ -95,6 +95,10 @@ def _stream_update(*streams: str) -> list[str]:
     return [f"{API}.STREAM.UPDATE.{s}" for s in streams]
 
 
+def _stream_purge(*streams: str) -> list[str]:
+    return [f"{API}.STREAM.PURGE.{s}" for s in streams]
+
+
 def _consumers(stream: str, *, pull: bool = True, delete: bool = True) -> list[str]:
     """Create (every nats-py form), look up, delete, pull from and ack consumers of a stream."""
     out = [
@@ -157,6 +161,10 @@ def gateway_permissions(s: Subjects) -> Permissions:
         *_consumers(s.events_stream),
         *_consumers(s.logs_stream),
         *_kv_read(s.runners_bucket),
+        # After a lost store: numbering continues past what Postgres holds, and the
+        # scheduler's bucket tells whether its records are gone too (gateway/store_reset.py).
+        *_stream_purge(s.submit_stream, s.events_stream, s.logs_stream),
+        *_stream_info(_kv_stream(s.sched_bucket)),
     ]
     return Permissions(publish=publish, subscribe=[f"{inbox_prefix('gateway')}.>"])
 
@@ -239,7 +247,12 @@ def subscriber_permissions(s: Subjects, organization: str) -> Permissions:
 def subscribers_admin_permissions(s: Subjects) -> Permissions:
     """`xoogify up` creates the subscribers' copy of the events stream with this user."""
     stream = s.events_stream
-    publish = [*_stream_create(stream), *_stream_update(stream), *_stream_info(stream)]
+    publish = [
+        *_stream_create(stream),
+        *_stream_update(stream),
+        *_stream_info(stream),
+        *_stream_purge(stream),  # numbering on after a lost store (align_subscriber_stream)
+    ]
     return Permissions(publish=publish, subscribe=[f"{inbox_prefix(SUBSCRIBERS_ADMIN)}.>"])
 
 
@@ -378,5 +391,22 @@ async def ensure_subscriber_stream(url: str, settings: Settings) -> None:
             await js.add_stream(config)
         except BadRequestError:
             await js.update_stream(config)
+    finally:
+        await nc.close()
+
+
+async def align_subscriber_stream(url: str, settings: Settings, watermark: int) -> bool:
+    """After a lost NATS store: the gateway numbers the services' events stream on from
+    just past the stored `watermark` (services/gateway/store_reset.py); the subscribers'
+    copy must go on from the same point, or its sequences no longer match. Purges it
+    forward when it is behind; True when it was. Before any service starts."""
+    nc = await nats.connect(url, inbox_prefix=inbox_prefix(SUBSCRIBERS_ADMIN))
+    try:
+        js = nc.jetstream()
+        stream = settings.subjects.events_stream
+        if (await js.stream_info(stream)).state.last_seq >= watermark:
+            return False
+        await js.purge_stream(stream, seq=watermark + 1)
+        return True
     finally:
         await nc.close()

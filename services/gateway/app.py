@@ -37,6 +37,7 @@ from services.gateway import (
     runners,
     state_at_rest,
     state_backend,
+    store_reset,
     webhooks,
     ws,
 )
@@ -100,6 +101,10 @@ class Running:
         pub = JsPublisher(self.nc)
         await pub.start()
         js = self.nc.jetstream()
+        # Before anything is ingested or submitted: numbering must go on past what
+        # Postgres holds, should NATS have lost its store.
+        pool = self.pool
+        await bus.until_done("store check", lambda: store_reset.repair(pool, js, settings))
         ctx = GatewayContext(settings, gateway_id, self.pool, self.nc, js, keys, pub)
         self.ingestors = [Ingestor(ctx, "events"), Ingestor(ctx, "logs")]
         self.tasks = [asyncio.create_task(i.run(), name=f"ingest-{i.kind}") for i in self.ingestors]

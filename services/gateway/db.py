@@ -153,7 +153,7 @@ def list_params(
     )
 
 
-async def watermark(pool: asyncpg.Pool) -> int:
+async def watermark(pool: asyncpg.Pool | asyncpg.Connection) -> int:
     """The highest event stream sequence whose whole prefix is stored (any gateway's)."""
     value = await pool.fetchval(
         "SELECT coalesce(max(watermark), 0) FROM ingest_progress WHERE kind = 'events'"

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
 import httpx
 import nats
 import pytest
@@ -22,6 +23,7 @@ from services.common.config import EXAMPLE_MODULES_DIR, Settings
 from services.common.crypto import generate_sealing_pair, generate_state_key
 from services.common.embedded import EmbeddedNats, free_port
 from services.common.subjects import Subjects
+from services.gateway import db, store_reset
 from tests.stack import Stack
 from tests.support import admin_token, auth_headers, eventually
 
@@ -291,3 +293,61 @@ async def test_stack_runs_a_job_with_every_service_on_its_own_user(
         assert "Violation" not in violations, violations[-3000:]
     finally:
         await stack.stop_all()
+
+
+async def test_gateway_may_number_on_after_a_lost_store(
+    auth_nats: AuthNats, database_url: str
+) -> None:
+    """What `store_reset.repair` needs of NATS, on the gateway's own user: the streams'
+    info, purging them forward, and the scheduler bucket's info (missing here)."""
+    await admin_token(database_url)  # migrates
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "INSERT INTO jobs (build_id, organization, environment, module_type, module_name,"
+            " action, status, seq, submitted_at, updated_at, stream_seq)"
+            " VALUES (5, 'acme', 'stg', 'amd64/script', 'hello', 'PLAN', 'WORKING', 2,"
+            " now(), now(), 7)"
+        )
+        await conn.execute(
+            "INSERT INTO ingest_progress (consumer, kind, watermark)"
+            " VALUES ('ingest-events-gw', 'events', 7), ('ingest-logs-gw', 'logs', 3)"
+        )
+    finally:
+        await conn.close()
+    errors = Errors()
+    gateway = await _client(auth_nats, "gateway", errors)
+    pool = await db.create_pool(database_url, min_size=1, max_size=2)
+    try:
+        settings = auth_nats.settings("gateway", database_url=database_url)
+        js = gateway.jetstream()
+        await bus.ensure_streams(js, settings)
+        s = auth_nats.subjects
+        done = await store_reset.repair(pool, js, settings)
+        assert done.reset == [s.submit_stream, s.events_stream, s.logs_stream]
+        assert done.ended == [5]
+        for stream, first in ((s.submit_stream, 6), (s.events_stream, 8), (s.logs_stream, 4)):
+            assert (await js.stream_info(stream)).state.first_seq == first
+        assert errors.queue.empty(), errors.queue.get_nowait()
+        # The subscribers' copy numbers on from the same point (as `xoogify up` does it),
+        # so a subscriber's sequences are still the services' (and the watermark's).
+        admin = auth_nats.url(nats_auth.SUBSCRIBERS_ADMIN)
+        assert await nats_auth.align_subscriber_stream(admin, settings, 7)
+        assert not await nats_auth.align_subscriber_stream(admin, settings, 7)
+        scheduler = await _client(auth_nats, "scheduler")
+        sub = await _client(auth_nats, "sub-acme")
+        try:
+            ack = await scheduler.jetstream().publish(s.event("acme", "stg", 6), b"{}")
+            assert ack.seq == 8
+
+            async def copied() -> tuple[int, int] | None:
+                state = (await sub.jetstream().stream_info(s.events_stream)).state
+                return (state.first_seq, state.last_seq) if state.messages else None
+
+            assert await eventually(copied, timeout=10) == (8, 8)
+        finally:
+            await sub.close()
+            await scheduler.close()
+    finally:
+        await pool.close()
+        await gateway.close()

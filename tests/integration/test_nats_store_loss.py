@@ -1,0 +1,99 @@
+"""NATS loses its store (a new volume, a wiped data dir) while Postgres keeps its jobs: the
+stack is stopped, nats-server comes back empty on the same port, the services start again.
+
+Numbering must go on past what Postgres holds (a new job never takes an old job's build
+ID, and ingestion does not wait for sequences the new streams reach only much later), and
+the job that was not final, lost with the scheduler's records, must end instead of
+showing `IN-PROGRESS` for ever."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from typing import Any
+
+import httpx
+import pytest
+
+from services.common.config import Settings
+from services.common.embedded import EmbeddedNats
+from services.gateway.store_reset import LOST_NOTE
+from tests.stack import Stack
+from tests.support import auth_headers, eventually
+
+
+def _job(arch: str = "amd64") -> dict[str, Any]:
+    return {
+        "organization": "acme",
+        "environment": "stg",
+        "module_type": f"{arch}/script",
+        "module_name": "hello",
+        "action": "PLAN",
+    }
+
+
+async def _final(http: httpx.AsyncClient, build_id: int) -> dict[str, Any]:
+    """The job once Postgres has it final, with its complete log."""
+
+    async def probe() -> dict[str, Any] | None:
+        job = (await http.get(f"/api/jobs/{build_id}")).json()
+        if job.get("status") not in ("SUCCESS", "FAILURE"):
+            return None
+        log = (await http.get(f"/api/jobs/{build_id}/logs")).json()
+        return {**job, "log": log} if log["complete"] else None
+
+    return await eventually(probe, timeout=60)
+
+
+@pytest.mark.timeout(180)
+async def test_after_a_lost_store_numbering_goes_on_and_the_lost_job_ends(
+    settings: Settings, stack: Stack, nats_server: EmbeddedNats | None
+) -> None:
+    assert nats_server is not None, "this test wipes its own nats-server's store"
+    await stack.start_all()
+    async with httpx.AsyncClient(base_url=stack.url, headers=auth_headers(settings)) as http:
+        done = (await http.post("/api/jobs", json=_job())).json()["build_id"]
+        before = await _final(http, done)
+        assert before["status"] == "SUCCESS"
+        # No arm64 runner: this one waits, and is in flight when the store goes.
+        waiting = (await http.post("/api/jobs", json=_job("arm64"))).json()["build_id"]
+
+        async def stored_in_progress() -> bool:
+            r = await http.get(f"/api/jobs/{waiting}")
+            return r.status_code == 200 and r.json()["status"] == "IN-PROGRESS"
+
+        await eventually(stored_in_progress)
+        watermark = (await http.get("/api/jobs")).json()["watermark"]
+
+    await stack.stop_all()
+    nats_server.stop()
+    await asyncio.to_thread(shutil.rmtree, nats_server.store_dir)
+    await asyncio.to_thread(nats_server.start)
+    await stack.start_all()
+
+    async with httpx.AsyncClient(base_url=stack.url, headers=auth_headers(settings)) as http:
+        lost = await _final(http, waiting)
+        assert (lost["status"], lost["reason"], lost["exit_code"]) == ("FAILURE", "internal", None)
+        assert lost["seq"] == 2 and lost["finished_at"] is not None
+        assert lost["log"]["data"].endswith(LOST_NOTE)
+        # Its history: the event that ended it follows the one the lost store had sent.
+        assert [e["status"] for e in lost["events"]] == ["IN-PROGRESS", "FAILURE"]
+
+        r = await http.post("/api/jobs", json=_job())
+        assert r.status_code == 202, r.text
+        new = r.json()["build_id"]
+        assert new == waiting + 1  # numbering went on where the lost store stopped
+        after = await _final(http, new)
+        assert after["status"] == "SUCCESS"
+        assert "hello" in after["log"]["data"].lower()
+        assert LOST_NOTE not in after["log"]["data"]
+        # The old job is as it was, its log its own.
+        again = await _final(http, done)
+        assert (again["status"], again["seq"], again["log"]) == (
+            before["status"],
+            before["seq"],
+            before["log"],
+        )
+        # The new job's events were ingested past the old watermark.
+        assert (await http.get("/api/jobs")).json()["watermark"] > watermark
+    assert "NATS stream behind Postgres" in stack.logs("gateway")
