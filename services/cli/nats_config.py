@@ -15,6 +15,7 @@ from pathlib import Path
 
 from services.common import nats_auth, nats_cluster
 from services.common.config import Settings
+from services.gateway import store_reset
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -68,6 +69,11 @@ def subscriber_stream(settings: Settings) -> int:
     # One server is enough: the stream is created for the whole cluster.
     url = settings.nats_url.split(",")[0].strip()
     asyncio.run(nats_auth.ensure_subscriber_stream(url, settings))
+    if os.environ.get("XOOGIFY_DATABASE_URL"):
+        # After a lost NATS store: number on where the gateways will (store_reset.py).
+        aligned = asyncio.run(store_reset.align_subscribers(url, settings, settings.database_url))
+        if aligned:
+            print("xoogify subscriber-stream: the NATS store was lost; numbering goes on")
     print(f"xoogify subscriber-stream: {settings.subjects.events_stream} ready")
     return 0
 

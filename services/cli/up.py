@@ -20,7 +20,6 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import asyncpg
 import httpx
 
 from services.common import nats_auth
@@ -29,7 +28,7 @@ from services.common.config import Settings
 from services.common.crypto import generate_sealing_pair, generate_state_key
 from services.common.embedded import EmbeddedNats, EmbeddedPostgres
 from services.common.terraform_tools import build_provider_mirror
-from services.gateway import db, token_store
+from services.gateway import store_reset, token_store
 
 # Runners drain their job for up to DRAIN_S, then cancel it; the rest stop at once.
 DRAIN_S = 10
@@ -172,24 +171,6 @@ async def _start_nats(
     return server, urls
 
 
-async def _align_subscriber_stream(
-    urls: dict[str, str], settings: Settings, database_url: str
-) -> None:
-    """A NATS store lost while Postgres kept its jobs: the subscribers' copy of the events
-    stream numbers on from the same point as the gateway will number the services' one."""
-    conn = await asyncpg.connect(database_url)
-    try:
-        watermark = await db.watermark(conn)
-    finally:
-        await conn.close()
-    url = urls[nats_auth.SUBSCRIBERS_ADMIN]
-    if await nats_auth.align_subscriber_stream(url, settings, watermark):
-        print(
-            f"xoogify: the NATS store was lost; event numbering goes on after {watermark}",
-            file=sys.stderr,
-        )
-
-
 PUBLIC_KEY = "XOOGIFY_SECRETS_PUBLIC_KEY"
 PRIVATE_KEY = "XOOGIFY_SECRETS_PRIVATE_KEY"
 STATE_KEY = "XOOGIFY_STATE_KEY"
@@ -279,7 +260,8 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         # The admin token behind the login URL printed below (kept across restarts).
         await token_store.ensure_admin_token_file(database_url, data_dir / "admin-token")
         if nats_urls:
-            await _align_subscriber_stream(nats_urls, settings, database_url)
+            admin = nats_urls[nats_auth.SUBSCRIBERS_ADMIN]
+            await store_reset.align_subscribers(admin, settings, database_url)
         url = f"http://{args.host}:{args.port}"
         env = dict(os.environ)
         env.setdefault("XOOGIFY_STATE_SECRET", _persistent_secret(data_dir / "state-secret"))

@@ -32,6 +32,7 @@ import asyncpg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from services.common import nats_auth
 from services.common.config import Settings
 from services.common.status import FINAL, Reason, Status, check_transition
 from services.common.subjects import event_msg_id
@@ -182,3 +183,24 @@ async def end_lost_jobs(pool: asyncpg.Pool, up_to: int, watermark: int) -> list[
         ended = [int(e["build_id"]) for e in events]
         await conn.execute(_NOTE, ended, LOST_NOTE)
     return ended
+
+
+async def align_subscribers(url: str, settings: Settings, database_url: str) -> bool:
+    """The subscribers' copy of the events stream numbered on from the same point as
+    `repair` numbers the services' one, as `subscribers-admin` at `url`; before the
+    services start (`xoogify up`, `xoogify nats-config subscriber-stream`). True when it
+    was behind."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        watermark = await db.watermark(conn)
+    except asyncpg.UndefinedTableError:
+        watermark = 0  # not migrated yet: nothing stored
+    finally:
+        await conn.close()
+    if not await nats_auth.align_subscriber_stream(url, settings, watermark):
+        return False
+    log.error(
+        "subscribers' events stream behind Postgres: its store was lost; numbering continues",
+        extra={"next": watermark + 1},
+    )
+    return True

@@ -329,11 +329,12 @@ async def test_gateway_may_number_on_after_a_lost_store(
         for stream, first in ((s.submit_stream, 6), (s.events_stream, 8), (s.logs_stream, 4)):
             assert (await js.stream_info(stream)).state.first_seq == first
         assert errors.queue.empty(), errors.queue.get_nowait()
-        # The subscribers' copy numbers on from the same point (as `xoogify up` does it),
+        # The subscribers' copy numbers on from the same point (as `xoogify up` and
+        # `xoogify nats-config subscriber-stream` do it, from the stored watermark),
         # so a subscriber's sequences are still the services' (and the watermark's).
         admin = auth_nats.url(nats_auth.SUBSCRIBERS_ADMIN)
-        assert await nats_auth.align_subscriber_stream(admin, settings, 7)
-        assert not await nats_auth.align_subscriber_stream(admin, settings, 7)
+        assert await store_reset.align_subscribers(admin, settings, database_url)
+        assert not await store_reset.align_subscribers(admin, settings, database_url)
         scheduler = await _client(auth_nats, "scheduler")
         sub = await _client(auth_nats, "sub-acme")
         try:

@@ -370,7 +370,8 @@ def nats_nodes(services: dict[str, Any]) -> set[str]:
         ("gateway", "gateway", True, True),
         ("scheduler", "scheduler", False, True),
         ("runner", "runner", False, False),
-        ("subscriber-stream", nats_auth.SUBSCRIBERS_ADMIN, False, False),
+        # The database only to read the watermark after a lost store (store_reset.py).
+        ("subscriber-stream", nats_auth.SUBSCRIBERS_ADMIN, True, False),
         ("migrate", None, True, False),
     ],
 )
