@@ -12,8 +12,8 @@ JetStream then numbers every stream from 1 again, and without this:
 So at start, before it ingests anything or accepts a submission, the gateway compares each
 stream's last sequence with what Postgres holds from it (the highest build ID for the
 submit stream, the watermarks for events and logs). A stream behind Postgres was reset:
-it is purged up to just past that value, which on an empty stream makes that the next
-sequence, so numbering goes on where the lost store stopped (`xoogify up` does the same
+when empty, it is purged up to just past that value, which makes that the next sequence,
+so numbering goes on where the lost store stopped (`xoogify up` does the same
 for the subscribers' copy of the events stream, nats_auth.align_subscriber_stream). When
 the submit and events streams were both reset and the scheduler's bucket is empty too (the
 whole store, not one stream an operator deleted, nor jobs written into Postgres by hand),
@@ -115,16 +115,26 @@ async def repair(pool: asyncpg.Pool, js: JetStreamContext, settings: Settings) -
         (subjects.events_stream, int(stored["events"])),
         (subjects.logs_stream, int(stored["logs"])),
     ):
-        last = int((await js.stream_info(stream)).state.last_seq)
-        if last < mark:
-            # Purging an empty stream up to N makes N its next sequence. Several gateways
-            # starting at once purge to the same point (one Postgres): harmless.
-            await js.purge_stream(stream, seq=mark + 1)
+        state = (await js.stream_info(stream)).state
+        last = int(state.last_seq)
+        if last >= mark:
+            continue
+        if state.messages:
+            # Written to since the loss (by a service that outlived it): a purge would take
+            # those messages with it. Left as it is, for a person to look at.
             log.error(
-                "NATS stream behind Postgres: its store was lost; numbering continues",
-                extra={"stream": stream, "last_seq": last, "stored": mark, "next": mark + 1},
+                "NATS stream behind Postgres but not empty: not renumbered",
+                extra={"stream": stream, "last_seq": last, "stored": mark},
             )
-            reset.append(stream)
+            continue
+        # Purging an empty stream up to N makes N its next sequence. Several gateways
+        # starting at once purge to the same point (one Postgres): harmless.
+        await js.purge_stream(stream, seq=mark + 1)
+        log.error(
+            "NATS stream behind Postgres: its store was lost; numbering continues",
+            extra={"stream": stream, "last_seq": last, "stored": mark, "next": mark + 1},
+        )
+        reset.append(stream)
     ended: list[int] = []
     # The whole store: both streams the scheduler's work shows in, and its bucket.
     whole = {subjects.submit_stream, subjects.events_stream} <= set(reset)

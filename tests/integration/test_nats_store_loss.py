@@ -9,17 +9,22 @@ showing `IN-PROGRESS` for ever."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 from typing import Any
 
+import asyncpg
 import httpx
+import nats
 import pytest
 
+from services.common import bus
 from services.common.config import Settings
 from services.common.embedded import EmbeddedNats
+from services.gateway import db, store_reset
 from services.gateway.store_reset import LOST_NOTE
 from tests.stack import Stack
-from tests.support import auth_headers, eventually
+from tests.support import admin_token, auth_headers, eventually
 
 
 def _job(arch: str = "amd64") -> dict[str, Any]:
@@ -97,3 +102,42 @@ async def test_after_a_lost_store_numbering_goes_on_and_the_lost_job_ends(
         # The new job's events were ingested past the old watermark.
         assert (await http.get("/api/jobs")).json()["watermark"] > watermark
     assert "NATS stream behind Postgres" in stack.logs("gateway")
+
+
+async def test_a_stream_behind_postgres_that_holds_messages_is_left_alone(
+    settings: Settings, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Written to since the loss: renumbering it would purge those messages, so nothing is
+    purged and nothing ended (a person must look)."""
+    await admin_token(database_url)  # migrates
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "INSERT INTO jobs (build_id, organization, environment, module_type, module_name,"
+            " action, status, seq, submitted_at, updated_at, stream_seq)"
+            " VALUES (5, 'acme', 'stg', 'amd64/script', 'hello', 'PLAN', 'IN-PROGRESS', 1,"
+            " now(), now(), 1)"
+        )
+        await conn.execute(
+            "INSERT INTO ingest_progress (consumer, kind, watermark) VALUES ('c', 'events', 1)"
+        )
+    finally:
+        await conn.close()
+    nc = await nats.connect(settings.nats_url)
+    pool = await db.create_pool(database_url, min_size=1, max_size=2)
+    try:
+        js = nc.jetstream()
+        await bus.ensure_streams(js, settings)
+        s = settings.subjects
+        await js.publish(s.submit, b"{}")  # seq 1, below build 5, not yet admitted
+        with caplog.at_level(logging.ERROR):
+            done = await store_reset.repair(pool, js, settings)
+        # The events stream was empty: renumbered. The submit stream holds a message: not.
+        assert done == store_reset.Repair([s.events_stream], [])
+        info = await js.stream_info(s.submit_stream)
+        assert (info.state.first_seq, info.state.messages) == (1, 1)
+        assert "behind Postgres but not empty" in caplog.text
+        assert await pool.fetchval("SELECT status FROM jobs WHERE build_id = 5") == "IN-PROGRESS"
+    finally:
+        await pool.close()
+        await nc.close()
