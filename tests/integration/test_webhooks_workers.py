@@ -38,7 +38,8 @@ async def store_events(pool: asyncpg.Pool, count: int, first_stream_seq: int = 1
     """Rows as ingestion stores them (job_events only; the watermark is set separately)."""
     rows = []
     for n in range(count):
-        event = job_event(1000 + n, 1, "IN-PROGRESS", org="acme" if n % 2 == 0 else "globex")
+        build_id = 999 + first_stream_seq + n  # 1000, 1001, … from the first stream_seq
+        event = job_event(build_id, 1, "IN-PROGRESS", org="acme" if n % 2 == 0 else "globex")
         rows.append(
             (
                 event["event_id"],
@@ -92,6 +93,24 @@ async def test_the_filler_stops_at_the_watermark_and_is_idempotent(pool: asyncpg
     await pool.execute("UPDATE webhook_outbox_cursor SET stream_seq = 0")
     await fill_outbox(pool, batch=100)
     assert await pool.fetchval(count, hook) == 5
+
+
+async def test_with_no_webhook_the_filler_passes_over_what_is_stored_in_one_step(
+    pool: asyncpg.Pool,
+) -> None:
+    """Nobody to deliver to: the cursor goes to the watermark at once, nothing is scanned
+    batch after batch; a webhook made afterwards gets what is stored after it."""
+    await store_events(pool, 10)
+    await set_watermark(pool, 10)
+    assert await fill_outbox(pool, batch=4) == 0  # not 4: no batch was scanned
+    cursor = "SELECT stream_seq FROM webhook_outbox_cursor WHERE name = 'job_events'"
+    assert await pool.fetchval(cursor) == 10
+    hook = await add_webhook(pool, "http://127.0.0.1:9/h")
+    await store_events(pool, 2, first_stream_seq=11)
+    await set_watermark(pool, 12)
+    assert await fill_outbox(pool, batch=4) == 2
+    rows = await pool.fetch("SELECT event_id FROM webhook_deliveries WHERE webhook_id = $1", hook)
+    assert len(rows) == 1  # acme's event at stream_seq 11 (12 is globex's)
 
 
 async def test_two_workers_deliver_each_event_exactly_once(pool: asyncpg.Pool) -> None:
