@@ -399,12 +399,14 @@ async def align_subscriber_stream(url: str, settings: Settings, watermark: int) 
     """After a lost NATS store: the gateway numbers the services' events stream on from
     just past the stored `watermark` (services/gateway/store_reset.py); the subscribers'
     copy must go on from the same point, or its sequences no longer match. Purges it
-    forward when it is behind; True when it was. Before any service starts."""
+    forward when it is behind and empty (a purge would take what it holds); True when it
+    was. Before any service starts."""
     nc = await nats.connect(url, inbox_prefix=inbox_prefix(SUBSCRIBERS_ADMIN))
     try:
         js = nc.jetstream()
         stream = settings.subjects.events_stream
-        if (await js.stream_info(stream)).state.last_seq >= watermark:
+        state = (await js.stream_info(stream)).state
+        if state.last_seq >= watermark or state.messages:
             return False
         await js.purge_stream(stream, seq=watermark + 1)
         return True

@@ -37,7 +37,7 @@ from services.common.config import Settings
 from services.common.status import FINAL, Reason, Status, check_transition
 from services.common.subjects import event_msg_id
 from services.common.timefmt import now_iso
-from services.gateway import db
+from services.gateway import db, webhook_delivery
 
 log = logging.getLogger(__name__)
 
@@ -75,16 +75,6 @@ UPDATE jobs SET status = e.status, reason = e.reason, exit_code = NULL, queue_po
        jsonb_to_record(p.payload) AS e (build_id bigint, seq integer, status text,
            reason text, finished_at timestamptz, updated_at timestamptz)
  WHERE jobs.build_id = e.build_id AND jobs.seq < e.seq
-"""
-# As the outbox filler would have made them (services/gateway/webhook_delivery.py), which
-# scans by stream sequence and never reaches these.
-_DELIVERIES = """
-INSERT INTO webhook_deliveries (webhook_id, event_id, build_id, seq)
-SELECT w.id, e.event_id, e.build_id, e.seq
-  FROM job_events e
-  JOIN webhooks w ON w.organization = e.payload->>'organization' AND e.status = ANY (w.statuses)
- WHERE e.event_id = ANY ($1::text[])
-ON CONFLICT (webhook_id, event_id) DO NOTHING
 """
 # After what is stored of each log, unless it has its end already.
 _NOTE = """
@@ -189,7 +179,8 @@ async def end_lost_jobs(pool: asyncpg.Pool, up_to: int, watermark: int) -> list[
             events.append(lost_event(job, at))
         await conn.execute(_EVENTS, events, watermark)
         await conn.execute(_JOBS, events, watermark)
-        await conn.execute(_DELIVERIES, [e["event_id"] for e in events])
+        # As the outbox filler would have made them; its scan never reaches these.
+        await webhook_delivery.fill_events(conn, [e["event_id"] for e in events])
         ended = [int(e["build_id"]) for e in events]
         await conn.execute(_NOTE, ended, LOST_NOTE)
     return ended

@@ -22,9 +22,11 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 import httpx
+from asyncpg.pool import PoolConnectionProxy
 from prometheus_client import Counter
 
 from services.common import codec
@@ -129,13 +131,21 @@ SELECT count(*) AS n, max(stream_seq) AS hi FROM (
     SELECT stream_seq FROM job_events WHERE stream_seq > $1 AND stream_seq <= $2
     ORDER BY stream_seq LIMIT $3) s
 """
-_FILL = """
+# The deliveries of stored events `e`: one per webhook of the event's organization that
+# asks for its status.
+_DELIVERIES_OF = """
 INSERT INTO webhook_deliveries (webhook_id, event_id, build_id, seq)
 SELECT w.id, e.event_id, e.build_id, e.seq
   FROM job_events e
   JOIN webhooks w ON w.organization = e.payload->>'organization' AND e.status = ANY (w.statuses)
+"""
+_FILL = f"""{_DELIVERIES_OF}
  WHERE e.stream_seq > $1 AND e.stream_seq <= $2
  ORDER BY e.stream_seq, w.id
+ON CONFLICT (webhook_id, event_id) DO NOTHING
+"""
+_FILL_EVENTS = f"""{_DELIVERIES_OF}
+ WHERE e.event_id = ANY ($1::text[])
 ON CONFLICT (webhook_id, event_id) DO NOTHING
 """
 _MOVE_CURSOR = "UPDATE webhook_outbox_cursor SET stream_seq = $1 WHERE name = 'job_events'"
@@ -183,6 +193,14 @@ async def fill_outbox(pool: asyncpg.Pool, batch: int = 500) -> int:
         await conn.execute(_FILL, cursor, upper)
         await conn.execute(_MOVE_CURSOR, upper)
         return int(row["n"])
+
+
+async def fill_events(
+    conn: asyncpg.Connection | PoolConnectionProxy[Any], event_ids: list[str]
+) -> None:
+    """The deliveries of these stored events, made outside the filler's scan by stream
+    sequence (events stored by gateway/store_reset.py have none of their own)."""
+    await conn.execute(_FILL_EVENTS, event_ids)
 
 
 class WebhookWorker:

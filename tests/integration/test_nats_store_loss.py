@@ -57,6 +57,15 @@ async def test_after_a_lost_store_numbering_goes_on_and_the_lost_job_ends(
     assert nats_server is not None, "this test wipes its own nats-server's store"
     await stack.start_all()
     async with httpx.AsyncClient(base_url=stack.url, headers=auth_headers(settings)) as http:
+        hook = {
+            "organization": "acme",
+            "url": "http://127.0.0.1:9/failures",  # nobody listens: the row is what counts
+            "statuses": ["FAILURE"],
+            "secret": "s" * 16,
+        }
+        r = await http.post("/api/webhooks", json=hook)
+        assert r.status_code == 201, r.text
+        hook_id = r.json()["id"]
         done = (await http.post("/api/jobs", json=_job())).json()["build_id"]
         before = await _final(http, done)
         assert before["status"] == "SUCCESS"
@@ -69,6 +78,19 @@ async def test_after_a_lost_store_numbering_goes_on_and_the_lost_job_ends(
 
         await eventually(stored_in_progress)
         watermark = (await http.get("/api/jobs")).json()["watermark"]
+
+    async def filler_caught_up() -> bool:
+        # The webhook filler's scan has passed every stored event: the lost job's last
+        # event (stored at that watermark) is beyond its reach.
+        cursor = "SELECT stream_seq FROM webhook_outbox_cursor WHERE name = 'job_events'"
+        at = await pool.fetchval(cursor)
+        return at is not None and at >= watermark
+
+    pool = await db.create_pool(settings.database_url, min_size=1, max_size=1)
+    try:
+        await eventually(filler_caught_up)
+    finally:
+        await pool.close()
 
     await stack.stop_all()
     nats_server.stop()
@@ -83,6 +105,9 @@ async def test_after_a_lost_store_numbering_goes_on_and_the_lost_job_ends(
         assert lost["log"]["data"].endswith(LOST_NOTE)
         # Its history: the event that ended it follows the one the lost store had sent.
         assert [e["status"] for e in lost["events"]] == ["IN-PROGRESS", "FAILURE"]
+        # A webhook asking for FAILURE gets that event.
+        deliveries = (await http.get(f"/api/webhooks/{hook_id}/deliveries")).json()["items"]
+        assert [d["event_id"] for d in deliveries] == [f"{waiting}-2"]
 
         r = await http.post("/api/jobs", json=_job())
         assert r.status_code == 202, r.text
