@@ -48,6 +48,32 @@ async def make_token(
     return secret
 
 
+async def stored_as_if_ingested(
+    database_url: str, build_id: int, status: str, seq: int, watermarks: dict[str, int]
+) -> None:
+    """A job row and ingestion watermarks (`kind` → watermark) as a gateway would have
+    stored them, in a migrated database, with nothing behind them in NATS: what a lost
+    NATS store leaves."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "INSERT INTO jobs (build_id, organization, environment, module_type, module_name,"
+            " action, status, seq, submitted_at, updated_at, stream_seq)"
+            " VALUES ($1, 'acme', 'stg', 'amd64/script', 'hello', 'PLAN', $2, $3, now(),"
+            " now(), $4)",
+            build_id,
+            status,
+            seq,
+            watermarks.get("events", 0),
+        )
+        await conn.executemany(
+            "INSERT INTO ingest_progress (consumer, kind, watermark) VALUES ($1, $2, $3)",
+            [(f"ingest-{kind}-gw", kind, mark) for kind, mark in watermarks.items()],
+        )
+    finally:
+        await conn.close()
+
+
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 

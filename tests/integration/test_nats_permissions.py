@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import asyncpg
 import httpx
 import nats
 import pytest
@@ -25,7 +24,7 @@ from services.common.embedded import EmbeddedNats, free_port
 from services.common.subjects import Subjects
 from services.gateway import db, store_reset
 from tests.stack import Stack
-from tests.support import admin_token, auth_headers, eventually
+from tests.support import admin_token, auth_headers, eventually, stored_as_if_ingested
 
 ORGS = ["acme", "globex"]
 
@@ -301,20 +300,7 @@ async def test_gateway_may_number_on_after_a_lost_store(
     """What `store_reset.repair` needs of NATS, on the gateway's own user: the streams'
     info, purging them forward, and the scheduler bucket's info (missing here)."""
     await admin_token(database_url)  # migrates
-    conn = await asyncpg.connect(database_url)
-    try:
-        await conn.execute(
-            "INSERT INTO jobs (build_id, organization, environment, module_type, module_name,"
-            " action, status, seq, submitted_at, updated_at, stream_seq)"
-            " VALUES (5, 'acme', 'stg', 'amd64/script', 'hello', 'PLAN', 'WORKING', 2,"
-            " now(), now(), 7)"
-        )
-        await conn.execute(
-            "INSERT INTO ingest_progress (consumer, kind, watermark)"
-            " VALUES ('ingest-events-gw', 'events', 7), ('ingest-logs-gw', 'logs', 3)"
-        )
-    finally:
-        await conn.close()
+    await stored_as_if_ingested(database_url, 5, "WORKING", 2, {"events": 7, "logs": 3})
     errors = Errors()
     gateway = await _client(auth_nats, "gateway", errors)
     pool = await db.create_pool(database_url, min_size=1, max_size=2)

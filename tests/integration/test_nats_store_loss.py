@@ -13,7 +13,6 @@ import logging
 import shutil
 from typing import Any
 
-import asyncpg
 import httpx
 import nats
 import pytest
@@ -24,7 +23,7 @@ from services.common.embedded import EmbeddedNats
 from services.gateway import db, store_reset
 from services.gateway.store_reset import LOST_NOTE
 from tests.stack import Stack
-from tests.support import admin_token, auth_headers, eventually
+from tests.support import admin_token, auth_headers, eventually, stored_as_if_ingested
 
 
 def _job(arch: str = "amd64") -> dict[str, Any]:
@@ -135,19 +134,7 @@ async def test_a_stream_behind_postgres_that_holds_messages_is_left_alone(
     """Written to since the loss: renumbering it would purge those messages, so nothing is
     purged and nothing ended (a person must look)."""
     await admin_token(database_url)  # migrates
-    conn = await asyncpg.connect(database_url)
-    try:
-        await conn.execute(
-            "INSERT INTO jobs (build_id, organization, environment, module_type, module_name,"
-            " action, status, seq, submitted_at, updated_at, stream_seq)"
-            " VALUES (5, 'acme', 'stg', 'amd64/script', 'hello', 'PLAN', 'IN-PROGRESS', 1,"
-            " now(), now(), 1)"
-        )
-        await conn.execute(
-            "INSERT INTO ingest_progress (consumer, kind, watermark) VALUES ('c', 'events', 1)"
-        )
-    finally:
-        await conn.close()
+    await stored_as_if_ingested(database_url, 5, "IN-PROGRESS", 1, {"events": 1})
     nc = await nats.connect(settings.nats_url)
     pool = await db.create_pool(database_url, min_size=1, max_size=2)
     try:
