@@ -31,7 +31,8 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     sub.add_parser(
         "subscriber-stream",
         help="create the subscribers' copy of the events stream (XOOGIFY_NATS_URL: "
-        "the subscribers-admin user)",
+        "the subscribers-admin user; with XOOGIFY_DATABASE_URL it also numbers on from the "
+        "stored watermark after a lost NATS store)",
     )
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -338,3 +341,33 @@ async def test_gateway_may_number_on_after_a_lost_store(
     finally:
         await pool.close()
         await gateway.close()
+
+
+async def test_subscriber_stream_command_numbers_on_from_the_stored_watermark(
+    auth_nats: AuthNats, database_url: str
+) -> None:
+    """`xoogify subscriber-stream` with the database (as compose.yaml runs it) after a
+    lost store: the copy's next sequence is the one after the stored watermark."""
+    await admin_token(database_url)  # migrates
+    await stored_as_if_ingested(database_url, 5, "SUCCESS", 3, {"events": 7})
+    env = {
+        **os.environ,
+        "XOOGIFY_NATS_URL": auth_nats.url(nats_auth.SUBSCRIBERS_ADMIN),
+        "XOOGIFY_DATABASE_URL": database_url,
+    }
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "services.cli.main", "subscriber-stream"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "numbering goes on" in done.stdout
+    sub = await _client(auth_nats, "sub-acme")
+    try:
+        state = (await sub.jetstream().stream_info(auth_nats.subjects.events_stream)).state
+        assert (state.first_seq, state.messages) == (8, 0)
+    finally:
+        await sub.close()
