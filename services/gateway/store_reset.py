@@ -34,7 +34,8 @@ from nats.js.errors import NotFoundError
 
 from services.common import nats_auth
 from services.common.config import Settings
-from services.common.status import FINAL, Reason, Status, check_transition
+from services.common.job_object import advanced
+from services.common.status import FINAL, Reason, Status
 from services.common.subjects import event_msg_id
 from services.common.timefmt import now_iso
 from services.gateway import db, webhook_delivery
@@ -149,19 +150,10 @@ async def _scheduler_state_lost(js: JetStreamContext, settings: Settings) -> boo
 
 def lost_event(job: dict[str, Any], at: str) -> dict[str, Any]:
     """The job's next event: `FAILURE`/`internal`, as the scheduler would have sent it."""
-    check_transition(job["status"], Status.FAILURE, Reason.INTERNAL)
-    seq = int(job["seq"]) + 1
-    return {
-        **job,
-        "status": Status.FAILURE.value,
-        "reason": Reason.INTERNAL.value,
-        "exit_code": None,
-        "queue_position": None,
-        "seq": seq,
-        "finished_at": at,
-        "updated_at": at,
-        "event_id": event_msg_id(int(job["build_id"]), seq),
-    }
+    failed = advanced(
+        job, at, status=Status.FAILURE.value, reason=Reason.INTERNAL.value, exit_code=None
+    )
+    return {**failed, "event_id": event_msg_id(int(job["build_id"]), failed["seq"])}
 
 
 async def end_lost_jobs(pool: asyncpg.Pool, up_to: int, watermark: int) -> list[int]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.common.config import DEFAULT_GATEWAY_URL, Settings
-from services.common.job_object import new_job
+from services.common.job_object import advanced, new_job
 from services.common.status import Reason, Status, TransitionError, check_transition
 from services.scheduler.effects import (
     DeleteJob,
@@ -332,17 +332,9 @@ class Machine:
 
     def _change(self, rec: JobRecord, now: float, **fields: Any) -> list[Effect]:
         """One event: apply `fields`, seq + 1, save, publish; a final job leaves the queue."""
-        status = str(fields.get("status", rec.status))
-        check_transition(rec.status, status, fields.get("reason"))
-        stamp = iso(now)
-        rec.job.update(fields)
-        rec.job["status"] = status
-        rec.job["seq"] = int(rec.job["seq"]) + 1
-        rec.job["updated_at"] = stamp
+        rec.job.update(advanced(rec.job, iso(now), **fields))
         effects: list[Effect] = []
         if rec.final:
-            rec.job["finished_at"] = stamp
-            rec.job["queue_position"] = None
             del self.jobs[rec.build_id]
             self.finished.add(rec.build_id)
         effects += [SaveJob(rec.build_id, rec.to_value()), self._publish(rec)]
