@@ -251,7 +251,7 @@ def subscribers_admin_permissions(s: Subjects) -> Permissions:
         *_stream_create(stream),
         *_stream_update(stream),
         *_stream_info(stream),
-        *_stream_purge(stream),  # numbering on after a lost store (align_subscriber_stream)
+        *_stream_purge(stream),  # numbering on after a lost store (gateway/store_reset.py)
     ]
     return Permissions(publish=publish, subscribe=[f"{inbox_prefix(SUBSCRIBERS_ADMIN)}.>"])
 
@@ -391,24 +391,5 @@ async def ensure_subscriber_stream(url: str, settings: Settings) -> None:
             await js.add_stream(config)
         except BadRequestError:
             await js.update_stream(config)
-    finally:
-        await nc.close()
-
-
-async def align_subscriber_stream(url: str, settings: Settings, watermark: int) -> bool:
-    """After a lost NATS store: the gateway numbers the services' events stream on from
-    just past the stored `watermark` (services/gateway/store_reset.py); the subscribers'
-    copy must go on from the same point, or its sequences no longer match. Purges it
-    forward when it is behind and empty (a purge would take what it holds); True when it
-    was. Before any service starts."""
-    nc = await nats.connect(url, inbox_prefix=inbox_prefix(SUBSCRIBERS_ADMIN))
-    try:
-        js = nc.jetstream()
-        stream = settings.subjects.events_stream
-        state = (await js.stream_info(stream)).state
-        if state.last_seq >= watermark or state.messages:
-            return False
-        await js.purge_stream(stream, seq=watermark + 1)
-        return True
     finally:
         await nc.close()

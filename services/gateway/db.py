@@ -153,10 +153,11 @@ def list_params(
     )
 
 
-async def watermark(pool: asyncpg.Pool | asyncpg.Connection) -> int:
-    """The highest event stream sequence whose whole prefix is stored (any gateway's)."""
+async def watermark(pool: asyncpg.Pool | asyncpg.Connection, kind: str = "events") -> int:
+    """The highest sequence of a stream (`kind` events or logs) whose whole prefix is stored
+    (any gateway's)."""
     value = await pool.fetchval(
-        "SELECT coalesce(max(watermark), 0) FROM ingest_progress WHERE kind = 'events'"
+        "SELECT coalesce(max(watermark), 0) FROM ingest_progress WHERE kind = $1", kind
     )
     return int(value)
 

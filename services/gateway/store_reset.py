@@ -14,7 +14,7 @@ stream's last sequence with what Postgres holds from it (the highest build ID fo
 submit stream, the watermarks for events and logs). A stream behind Postgres was reset:
 when empty, it is purged up to just past that value, which makes that the next sequence,
 so numbering goes on where the lost store stopped (`xoogify up` does the same
-for the subscribers' copy of the events stream, nats_auth.align_subscriber_stream). When
+for the subscribers' copy of the events stream, `align_subscribers`). When
 the submit and events streams were both reset and the scheduler's bucket is empty too (the
 whole store, not one stream an operator deleted, nor jobs written into Postgres by hand),
 the jobs stored not final are recorded `FAILURE`/`internal`. Their last event exists only
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import nats
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
@@ -49,11 +50,6 @@ LOST_NOTE = (
     "recorded FAILURE (internal)\n"
 )
 
-_STORED = """
-SELECT (SELECT coalesce(max(build_id), 0) FROM jobs) AS build,
-       (SELECT coalesce(max(watermark), 0) FROM ingest_progress WHERE kind = 'events') AS events,
-       (SELECT coalesce(max(watermark), 0) FROM ingest_progress WHERE kind = 'logs') AS logs
-"""
 _NOT_FINAL = """
 SELECT * FROM jobs WHERE build_id <= $1 AND NOT status = ANY ($2::text[])
  ORDER BY build_id FOR UPDATE
@@ -98,45 +94,52 @@ class Repair:
 
 async def repair(pool: asyncpg.Pool, js: JetStreamContext, settings: Settings) -> Repair:
     subjects = settings.subjects
-    stored = await pool.fetchrow(_STORED)
-    assert stored is not None  # a SELECT of aggregates answers one row
-    reset: list[str] = []
-    for stream, mark in (
-        (subjects.submit_stream, int(stored["build"])),
-        (subjects.events_stream, int(stored["events"])),
-        (subjects.logs_stream, int(stored["logs"])),
-    ):
-        state = (await js.stream_info(stream)).state
-        last = int(state.last_seq)
-        if last >= mark:
-            continue
-        if state.messages:
-            # Written to since the loss (by a service that outlived it): a purge would take
-            # those messages with it. Left as it is, for a person to look at.
-            log.error(
-                "NATS stream behind Postgres but not empty: not renumbered",
-                extra={"stream": stream, "last_seq": last, "stored": mark},
-            )
-            continue
-        # Purging an empty stream up to N makes N its next sequence. Several gateways
-        # starting at once purge to the same point (one Postgres): harmless.
-        await js.purge_stream(stream, seq=mark + 1)
-        log.error(
-            "NATS stream behind Postgres: its store was lost; numbering continues",
-            extra={"stream": stream, "last_seq": last, "stored": mark, "next": mark + 1},
+    build = int(await pool.fetchval("SELECT coalesce(max(build_id), 0) FROM jobs"))
+    events = await db.watermark(pool, "events")
+    reset = [
+        stream
+        for stream, mark in (
+            (subjects.submit_stream, build),
+            (subjects.events_stream, events),
+            (subjects.logs_stream, await db.watermark(pool, "logs")),
         )
-        reset.append(stream)
+        if await number_on(js, stream, mark)
+    ]
     ended: list[int] = []
     # The whole store: both streams the scheduler's work shows in, and its bucket.
     whole = {subjects.submit_stream, subjects.events_stream} <= set(reset)
     if whole and await _scheduler_state_lost(js, settings):
-        ended = await end_lost_jobs(pool, int(stored["build"]), int(stored["events"]))
+        ended = await end_lost_jobs(pool, build, events)
         if ended:
             log.error(
                 "jobs not final when the NATS store was lost recorded FAILURE",
                 extra={"count": len(ended), "build_ids": ended[:20]},
             )
     return Repair(reset, ended)
+
+
+async def number_on(js: JetStreamContext, stream: str, mark: int) -> bool:
+    """Make `mark` + 1 the next sequence of `stream` if it is behind `mark` and empty (a lost
+    store); True when it was. One behind but holding messages (written to since the loss,
+    by a service that outlived it) is only logged: a purge would take them with it."""
+    state = (await js.stream_info(stream)).state
+    last = int(state.last_seq)
+    if last >= mark:
+        return False
+    if state.messages:
+        log.error(
+            "NATS stream behind Postgres but not empty: not renumbered",
+            extra={"stream": stream, "last_seq": last, "stored": mark},
+        )
+        return False
+    # Purging an empty stream up to N makes N its next sequence. Several gateways starting
+    # at once purge to the same point (one Postgres): harmless.
+    await js.purge_stream(stream, seq=mark + 1)
+    log.error(
+        "NATS stream behind Postgres: its store was lost; numbering continues",
+        extra={"stream": stream, "last_seq": last, "stored": mark, "next": mark + 1},
+    )
+    return True
 
 
 async def _scheduler_state_lost(js: JetStreamContext, settings: Settings) -> bool:
@@ -180,9 +183,9 @@ async def end_lost_jobs(pool: asyncpg.Pool, up_to: int, watermark: int) -> list[
 
 async def align_subscribers(url: str, settings: Settings, database_url: str) -> bool:
     """The subscribers' copy of the events stream numbered on from the same point as
-    `repair` numbers the services' one, as `subscribers-admin` at `url`; before the
-    services start (`xoogify up`, `xoogify nats-config subscriber-stream`). True when it
-    was behind."""
+    `repair` numbers the services' one (or its sequences would no longer match), as
+    `subscribers-admin` at `url`; before the services start (`xoogify up`, `xoogify
+    subscriber-stream`). True when it was behind."""
     conn = await asyncpg.connect(database_url)
     try:
         watermark = await db.watermark(conn)
@@ -190,10 +193,8 @@ async def align_subscribers(url: str, settings: Settings, database_url: str) -> 
         watermark = 0  # not migrated yet: nothing stored
     finally:
         await conn.close()
-    if not await nats_auth.align_subscriber_stream(url, settings, watermark):
-        return False
-    log.error(
-        "subscribers' events stream behind Postgres: its store was lost; numbering continues",
-        extra={"next": watermark + 1},
-    )
-    return True
+    nc = await nats.connect(url, inbox_prefix=nats_auth.inbox_prefix(nats_auth.SUBSCRIBERS_ADMIN))
+    try:
+        return await number_on(nc.jetstream(), settings.subjects.events_stream, watermark)
+    finally:
+        await nc.close()
