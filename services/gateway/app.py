@@ -116,7 +116,7 @@ class Running:
         # Runs until cancelled (stop() does that first: it has nothing in hand to finish).
         self.watch = asyncio.create_task(runners.forget_stopped(ctx), name="runners")
         ctx.hub = Hub(ctx)
-        await ctx.hub.start()
+        await bus.until_done("live events", ctx.hub.start)
         self.webhooks = WebhookWorker(self.pool, WebhookConfig.from_env(), keys.state)
         self.webhooks.start()
         self.ctx = ctx

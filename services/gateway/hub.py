@@ -136,7 +136,11 @@ class Hub:
         self.received_seq = info.state.last_seq
         for group in self._groups:
             group.last_seq = self.received_seq
-        await self._subscribe()
+        try:
+            await self._subscribe()
+        except BaseException:
+            await self._unsubscribe()  # start() is retried: leave nothing subscribed
+            raise
         self._watchdog = asyncio.create_task(self._watch(), name="hub-watchdog")
 
     async def stop(self) -> None:

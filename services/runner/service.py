@@ -144,9 +144,18 @@ class RunnerService:
         registry = Registry(
             kv, self.runner_id, self.arch, self.kinds, self.labels, settings.heartbeat_s
         )
-        await registry.put()
         worker = Worker(nc, js, pub, settings, registry, self.drain_timeout_s, self.work_root)
-        await worker.subscribe()
+
+        async def register() -> bool:
+            # On a cluster just started, the bucket and the dispatch stream may still be
+            # electing leaders although they exist: their first write or consumer times out.
+            await registry.put()
+            await worker.subscribe()
+            return True
+
+        if not await bus.until_done("registration and consumers", register, self._stopping):
+            await registry.remove()  # stopped first; a put may have landed
+            return
         registry.on_written_off = worker.written_off
         self._registry, self._worker = registry, worker
         log.info(

@@ -119,9 +119,10 @@ class Worker:
     async def subscribe(self) -> None:
         """Listen for cancels; bind to (creating if missing) the dispatch consumer of each
         kind."""
-        self._cancel_sub = await self._nc.subscribe(
-            self._settings.subjects.cancel_all, cb=self._on_cancel
-        )
+        if self._cancel_sub is None:  # retried at start-up until the consumers exist
+            self._cancel_sub = await self._nc.subscribe(
+                self._settings.subjects.cancel_all, cb=self._on_cancel
+            )
         await self._ensure_consumers()
 
     async def _ensure_consumers(self) -> None:

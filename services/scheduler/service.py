@@ -537,23 +537,26 @@ async def run(
     s = settings.subjects
     replicas = settings.stream_replicas
 
-    async def set_up() -> tuple[Any, Any, Any]:
+    async def set_up() -> tuple[Any, Any, Any, float]:
         await bus.ensure_streams(js, settings)
+        leader_kv = await bus.ensure_kv(
+            js, s.leader_bucket, ttl=settings.leader_ttl_s, replicas=replicas
+        )
         return (
             await bus.ensure_kv(js, s.sched_bucket, replicas=replicas),
             await bus.ensure_kv(
                 js, s.runners_bucket, ttl=3 * settings.heartbeat_s, replicas=replicas
             ),
-            await bus.ensure_kv(js, s.leader_bucket, ttl=settings.leader_ttl_s, replicas=replicas),
+            leader_kv,
+            # The bucket's TTL is the lease's, whatever this process was configured with.
+            (await leader_kv.status()).ttl or settings.leader_ttl_s,
         )
 
     buckets = await bus.until_done("streams and buckets", set_up, stop)
     if buckets is None:
         await nc.close()
         return
-    sched_kv, runners_kv, leader_kv = buckets
-    # The bucket's TTL is the lease's, whatever this process was configured with.
-    ttl = (await leader_kv.status()).ttl or settings.leader_ttl_s
+    sched_kv, runners_kv, leader_kv, ttl = buckets
     lease = Lease(leader_kv, ttl)
     scheduler = Scheduler(settings, nc, js, sched_kv, runners_kv, lease=lease)
     server = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from nats.js.api import StreamConfig
 from nats.js.errors import NotFoundError
 
 from services.common import codec, schemas
@@ -88,6 +90,44 @@ async def test_process_registers_serves_metrics_and_leaves_on_sigterm(
         code = await stack.stop("runner-p")
     assert code == 0, stack.logs("runner-p")
     assert await registration(sched, "runner-p") is None
+
+
+async def test_a_bucket_that_takes_no_writes_yet_is_waited_for(
+    rsettings: Settings, sched: FakeScheduler, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On a cluster just started, the registry bucket exists before it takes writes (its
+    replicas are still electing a leader). The runner waits for it instead of exiting."""
+    bucket = rsettings.subjects.runners_bucket
+    # A bucket whose stream takes none of the runners' keys yet: a put finds no stream,
+    # as on a bucket with no leader.
+    config = StreamConfig(
+        name=f"KV_{bucket}", subjects=[f"$KV.{bucket}.not-yet"], max_msgs_per_subject=1
+    )
+    await sched.js.add_stream(config)
+    caplog.set_level(logging.WARNING, logger="services.common.bus")
+    service = RunnerService(rsettings, "amd64", ["script"], {}, "runner-w")
+    task = asyncio.create_task(service.serve())
+    try:
+
+        async def retried() -> bool:
+            if task.done():
+                task.result()  # raises why it gave up
+            return any(
+                getattr(r, "what", None) == "registration and consumers" for r in caplog.records
+            )
+
+        await poll(retried)
+        config.subjects = [f"$KV.{bucket}.>"]
+        await sched.js.update_stream(config)
+        await asyncio.wait_for(service.ready.wait(), TIMEOUT)
+        reg = await registration(sched, "runner-w")
+        assert reg is not None and reg["state"] == "idle"
+        await sched.dispatch(31, "hello")
+        assert (await sched.report(31))["exit_code"] == 0
+    finally:
+        service.stop()
+        await asyncio.wait_for(task, TIMEOUT)
+    assert await registration(sched, "runner-w") is None
 
 
 async def test_busy_while_working_then_idle(rsettings: Settings, sched: FakeScheduler) -> None:
