@@ -9,9 +9,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import asyncpg
+import nats
 from websockets.asyncio.client import ClientConnection, connect
 
-from services.common import codec
+from services.common import bus, codec
 from services.common.config import Settings
 from services.gateway import migrate, token_store
 
@@ -28,6 +29,16 @@ async def eventually(
             if value:
                 return value
             await asyncio.sleep(interval)
+
+
+async def gateway_streams(settings: Settings) -> None:
+    """Make the streams as a gateway does at start-up: a scheduler or runner started
+    without one waits for them (bus.ensure_streams)."""
+    nc = await nats.connect(settings.nats_servers)
+    try:
+        await bus.ensure_streams(nc.jetstream(), settings)
+    finally:
+        await nc.close()
 
 
 async def admin_token(database_url: str, name: str = "test-admin") -> str:

@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_service(service: Coroutine[Any, Any, None]) -> None:
+def _run_service(service: Coroutine[Any, Any, int | None]) -> int:
     """Run a service on uvloop when it is installed (a dependency, also of uvicorn's
     standard extras): its event loop and socket I/O are native code, where nats-py's
     flusher otherwise spends a Python transport write per flush. None needs the stdlib
@@ -112,9 +112,8 @@ def _run_service(service: Coroutine[Any, Any, None]) -> None:
     try:
         import uvloop
     except ImportError:
-        asyncio.run(service)
-        return
-    uvloop.run(service)
+        return asyncio.run(service) or 0
+    return uvloop.run(service) or 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -134,15 +133,13 @@ def _command(args: argparse.Namespace, settings: Settings) -> int:
         from services.gateway.app import serve
 
         logging_setup.setup("gateway")
-        _run_service(serve(settings, args.host, args.port, args.gateway_id))
-        return 0
+        return _run_service(serve(settings, args.host, args.port, args.gateway_id))
     if command == "scheduler":
         from services.common import logging_setup
         from services.scheduler.service import run as run_scheduler
 
         logging_setup.setup("scheduler")
-        _run_service(run_scheduler(settings, args.metrics_port))
-        return 0
+        return _run_service(run_scheduler(settings, args.metrics_port))
     if command == "runner":
         from services.common import logging_setup
         from services.runner.service import run as run_runner

@@ -1,7 +1,11 @@
 """NATS connections and the JetStream streams and KV buckets every service relies on.
 
 `ensure_streams` is idempotent and run by each service at start-up, so any of them may
-start first.
+start first. The streams whose sequences Postgres records (submissions: the build IDs;
+events and logs: the watermarks) are made by the gateway alone, which checks them
+against Postgres as it starts (`gateway/store_reset.py`); the other services wait for
+them. Made by a scheduler or runner after NATS lost its store, they would number from 1
+again before any gateway could check them: a new job would take an old job's build ID.
 """
 
 from __future__ import annotations
@@ -33,6 +37,11 @@ from services.common.config import Settings
 log = logging.getLogger(__name__)
 
 DAY = 24 * 3600
+# A service's exit code when NATS lost its store under it: EX_TEMPFAIL, start it again
+# (`xoogify up` and compose.yaml's restart policy do).
+STORE_LOST_EXIT = 75
+# How often a running service checks that its streams or buckets still exist.
+STORE_CHECK_S = 2.0
 T = TypeVar("T")
 
 
@@ -165,19 +174,65 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
     return configs
 
 
-async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
-    for config in stream_configs(settings):
+def numbered_by_postgres(settings: Settings) -> tuple[str, str, str]:
+    """The streams only the gateway makes (the module's docstring says why)."""
+    s = settings.subjects
+    return (s.submit_stream, s.events_stream, s.logs_stream)
+
+
+class StreamsMissing(NatsError):
+    """A stream this service uses but may not make does not exist yet."""
+
+
+async def ensure_streams(
+    js: JetStreamContext, settings: Settings, waits_for: tuple[str, ...] | None = None
+) -> None:
+    """Make the streams (the gateway, and tests acting as it: every one); with `waits_for`
+    (the scheduler and the runners), make only those not numbered by Postgres, and raise
+    StreamsMissing while one of `waits_for` does not exist (`until_done` retries)."""
+    configs = stream_configs(settings)
+    if waits_for is not None:
+        gateways = numbered_by_postgres(settings)
+        configs = [c for c in configs if c.name not in gateways]
+    for config in configs:
         try:
             await js.add_stream(config)
         except BadRequestError:
             # Exists with other settings (retention changed by the operator): update it.
             with contextlib.suppress(BadRequestError):
                 await js.update_stream(config)
+    missing = []
+    for name in waits_for or ():
+        try:
+            await js.stream_info(name)
+        except NotFoundError:
+            missing.append(name)
+    if missing:
+        raise StreamsMissing(f"waiting for a gateway to make {', '.join(missing)}")
     if settings.stream_replicas > 1:
-        for config in stream_configs(settings):
+        for config in configs:
             # Creating an existing stream with the same config answers its info, and every
             # role may do that (not every role may ask for the info of every stream).
             await wait_stream_leader(js, str(config.name), functools.partial(_info, js, config))
+        for name in waits_for or ():
+            await wait_stream_leader(js, name)
+
+
+async def first_missing(js: JetStreamContext, names: tuple[str, ...], every_s: float) -> str:
+    """Poll until one of the streams `names` is gone (NATS answered that it does not
+    exist: not merely away or electing a leader); return its name. For a service that
+    outlives a NATS that lost its store: it must start again (and the gateway check the
+    new streams against Postgres) rather than go on with streams and buckets that no
+    longer exist, or that a restarted service made anew."""
+    while True:
+        await asyncio.sleep(every_s)
+        for name in names:
+            try:
+                await js.stream_info(name)
+            except NotFoundError:
+                return name
+            except (NatsError, TimeoutError, OSError):
+                pass  # away or failing over: not a loss
 
 
 async def _info(js: JetStreamContext, config: StreamConfig) -> StreamInfo:

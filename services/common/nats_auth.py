@@ -145,6 +145,11 @@ def _main_streams(s: Subjects) -> list[str]:
     return [s.submit_stream, s.events_stream, s.logs_stream, s.dispatch_stream, s.reports_stream]
 
 
+def _work_streams(s: Subjects) -> list[str]:
+    """The streams any service may make; the others only the gateway (bus.ensure_streams)."""
+    return [s.dispatch_stream, s.reports_stream]
+
+
 # --- roles ----------------------------------------------------------------------------------
 
 
@@ -153,7 +158,8 @@ def gateway_permissions(s: Subjects) -> Permissions:
     publish = [
         s.submit,
         s.control_cancel,
-        # Every service runs bus.ensure_streams at start-up (any may start first).
+        # Every service runs bus.ensure_streams at start-up (any may start first); only
+        # the gateway makes the streams numbered by Postgres.
         *_stream_create(*streams),
         *_stream_update(*streams),
         *_stream_info(s.submit_stream, s.events_stream, s.logs_stream),
@@ -170,14 +176,13 @@ def gateway_permissions(s: Subjects) -> Permissions:
 
 
 def scheduler_permissions(s: Subjects) -> Permissions:
-    streams = _main_streams(s)
     publish = [
         f"{s.prefix}.events.>",
         s.dispatch_all,
         f"{s.prefix}.cancel.>",
-        *_stream_create(*streams),
-        *_stream_update(*streams),
-        *_stream_info(*streams),
+        *_stream_create(*_work_streams(s)),
+        *_stream_update(*_work_streams(s)),
+        *_stream_info(*_main_streams(s)),
         *_consumers(s.submit_stream),
         *_consumers(s.reports_stream),
         # The dispatch consumers are created by whoever comes first; it never pulls them.
@@ -204,10 +209,10 @@ def runner_permissions(s: Subjects) -> Permissions:
         s.logs_all,
         s.reports_all,
         s.claim,
-        # ensure_streams creates any missing stream; a create of an existing stream with
-        # the same config only answers its info (never messages), so it cannot read them.
-        *_stream_create(*_main_streams(s)),
-        *_stream_update(*own),
+        # ensure_streams creates the work streams if missing; a create of an existing
+        # stream with the same config only answers its info (never messages).
+        *_stream_create(*_work_streams(s)),
+        *_stream_update(*_work_streams(s)),
         *_stream_info(*own),
         *_consumers(s.dispatch_stream, delete=False),
         *_kv_create(s.runners_bucket),

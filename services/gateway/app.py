@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import asyncpg
 import uvicorn
 from nats.aio.client import Client
+from nats.js import JetStreamContext
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import Mount, WebSocketRoute
@@ -91,6 +93,7 @@ class Running:
         self.tasks: list[asyncio.Task[None]] = []
         self.watch: asyncio.Task[None] | None = None
         self.webhooks: WebhookWorker | None = None
+        self.store_watch: asyncio.Task[None] | None = None
 
     async def start(
         self, app: Starlette, settings: Settings, gateway_id: str, keys: GatewayKeys
@@ -122,9 +125,12 @@ class Running:
         self.ctx = ctx
         app.state.ctx = ctx  # from here on requests are served
         app.state.started.set()
+        self.store_watch = asyncio.create_task(_watch_store(app, js, settings), name="store")
         log.info("gateway started", extra={"gateway_id": gateway_id})
 
     async def stop(self) -> None:
+        if self.store_watch is not None:
+            self.store_watch.cancel()
         if self.watch is not None:
             self.watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -157,6 +163,20 @@ class Running:
                 log.warning("postgres pool not closed in time; connections terminated")
                 self.pool.terminate()
         log.info("gateway stopped")
+
+
+async def _watch_store(app: Starlette, js: JetStreamContext, settings: Settings) -> None:
+    """Stop serving, exit code STORE_LOST_EXIT, once a stream numbered by Postgres is gone
+    (NATS lost its store under this gateway): started again, the gateway checks the new
+    streams against Postgres before it takes a submission. Until then nobody makes them
+    (bus.ensure_streams), so no submission gets an old job's build ID meanwhile."""
+    name = await bus.first_missing(js, bus.numbered_by_postgres(settings), bus.STORE_CHECK_S)
+    log.critical(
+        "NATS lost its store: stopping, to be started again",
+        extra={"stream": name, "exit_code": bus.STORE_LOST_EXIT},
+    )
+    app.state.exit_code = bus.STORE_LOST_EXIT
+    app.state.stop_serving()
 
 
 def _log_start_failure(task: asyncio.Task[None]) -> None:
@@ -226,7 +246,7 @@ def create_app(settings: Settings, gateway_id: str = "gw") -> Starlette:
         Mount("/static", StaticFiles(directory=WEB_DIR / "static"), name="static"),
         *pages.routes,
     ]
-    return Starlette(
+    app = Starlette(
         routes=routes,
         lifespan=lifespan,
         exception_handlers=handlers,
@@ -237,6 +257,11 @@ def create_app(settings: Settings, gateway_id: str = "gw") -> Starlette:
             Middleware(Authenticate),
         ],
     )
+    app.state.exit_code = 0
+    # `serve` replaces it with its server's stop; an app served otherwise (the tests'
+    # in-process gateway) only logs the lost store.
+    app.state.stop_serving = lambda: None
+    return app
 
 
 def server_config(app: ASGIApp, host: str, port: int, **overrides: Any) -> uvicorn.Config:
@@ -260,6 +285,10 @@ def server_config(app: ASGIApp, host: str, port: int, **overrides: Any) -> uvico
     return uvicorn.Config(app, **options)
 
 
-async def serve(settings: Settings, host: str, port: int, gateway_id: str = "gw") -> None:
-    server = uvicorn.Server(server_config(create_app(settings, gateway_id), host, port))
+async def serve(settings: Settings, host: str, port: int, gateway_id: str = "gw") -> int:
+    """Serve until SIGTERM/SIGINT (exit code 0) or a lost NATS store (STORE_LOST_EXIT)."""
+    app = create_app(settings, gateway_id)
+    server = uvicorn.Server(server_config(app, host, port))
+    app.state.stop_serving = functools.partial(setattr, server, "should_exit", True)
     await server.serve()
+    return int(app.state.exit_code)

@@ -130,7 +130,7 @@ class RunnerService:
         js = nc.jetstream()
 
         async def set_up() -> Any:
-            await bus.ensure_streams(js, settings)
+            await bus.ensure_streams(js, settings, waits_for=(settings.subjects.logs_stream,))
             return await bus.ensure_kv(
                 js,
                 settings.subjects.runners_bucket,

@@ -518,12 +518,14 @@ class Scheduler:
 
 async def run(
     settings: Settings, metrics_port: int | None, stop: asyncio.Event | None = None
-) -> None:
-    """`xoogify scheduler`: run until SIGTERM/SIGINT (or until `stop` is set, for tests).
+) -> int:
+    """`xoogify scheduler`: run until SIGTERM/SIGINT (or until `stop` is set, for tests);
+    the exit code.
 
     Standby until this process holds the leader lease, lead until it is lost, standby
     again; on stop, finish the input in flight, then release the lease so a standby takes
-    over at once rather than after the TTL.
+    over at once rather than after the TTL. If NATS loses its store (its buckets are
+    gone), stop the same way and return STORE_LOST_EXIT: started again, it makes them anew.
     """
     if stop is None:
         stop = asyncio.Event()
@@ -532,13 +534,13 @@ async def run(
             loop.add_signal_handler(sig, stop.set)
     nc = await bus.until_done("connect", lambda: bus.connect(settings, "scheduler"), stop)
     if nc is None:
-        return
+        return 0
     js = nc.jetstream()
     s = settings.subjects
     replicas = settings.stream_replicas
 
     async def set_up() -> tuple[Any, Any, Any, float]:
-        await bus.ensure_streams(js, settings)
+        await bus.ensure_streams(js, settings, waits_for=(s.submit_stream, s.events_stream))
         leader_kv = await bus.ensure_kv(
             js, s.leader_bucket, ttl=settings.leader_ttl_s, replicas=replicas
         )
@@ -555,7 +557,7 @@ async def run(
     buckets = await bus.until_done("streams and buckets", set_up, stop)
     if buckets is None:
         await nc.close()
-        return
+        return 0
     sched_kv, runners_kv, leader_kv, ttl = buckets
     lease = Lease(leader_kv, ttl)
     scheduler = Scheduler(settings, nc, js, sched_kv, runners_kv, lease=lease)
@@ -568,6 +570,9 @@ async def run(
             host=settings.metrics_host,
         )
     log.info("scheduler standby", extra={"holder": lease.holder, "lease_ttl_s": ttl})
+    own = (f"KV_{s.sched_bucket}", f"KV_{s.leader_bucket}")
+    lost = asyncio.create_task(bus.first_missing(js, own, bus.STORE_CHECK_S), name="store")
+    lost.add_done_callback(lambda _task: stop.set())
     try:
         while await lease.acquire(stop):
             LEADER.set(1)
@@ -580,12 +585,23 @@ async def run(
                 break
             log.warning("scheduler lease lost; standby", extra={"holder": lease.holder})
     finally:
+        lost.cancel()
         LEADER.set(0)
         await scheduler.stand_down()
         await lease.release()
         await scheduler.stop()
         if server is not None:
             server.close()
+    gone = None
+    with contextlib.suppress(asyncio.CancelledError):
+        gone = await lost
+    if gone is None:
+        return 0
+    log.critical(
+        "NATS lost its store: stopped, to be started again",
+        extra={"stream": gone, "exit_code": bus.STORE_LOST_EXIT},
+    )
+    return bus.STORE_LOST_EXIT
 
 
 async def _lead(scheduler: Scheduler, lease: Lease, stop: asyncio.Event) -> None:

@@ -1,6 +1,7 @@
-"""A scheduler and a runner started before NATS wait for it and then start by themselves
-(under `xoogify up` or a plain supervisor nothing would restart them if they gave up), and
-a SIGTERM while they wait stops them at once."""
+"""A scheduler and a runner started before NATS wait for it, then for the streams only a
+gateway makes, and then start by themselves (under `xoogify up` or a plain supervisor
+nothing would restart them if they gave up); a SIGTERM while they wait stops them at
+once."""
 
 from __future__ import annotations
 
@@ -43,6 +44,13 @@ async def test_scheduler_and_runner_wait_for_nats(settings: Settings, tmp_path: 
     try:
         await start_both_waiting(stack)
         server.start()
+
+        async def waiting_for_the_gateway() -> bool:
+            waiting = "waiting for a gateway to make"
+            return all(waiting in stack.logs(n) for n in ("scheduler", "runner-late"))
+
+        await eventually(waiting_for_the_gateway, timeout=60)
+        await stack.start_gateway()
 
         async def registered() -> bool:
             nc = await nats.connect(late.nats_servers)

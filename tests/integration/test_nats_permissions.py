@@ -97,8 +97,14 @@ async def _client(auth: AuthNats, user: str, errors: Errors | None = None) -> Cl
 
 @pytest.fixture
 async def scheduler_nc(auth_nats: AuthNats) -> AsyncIterator[Client]:
+    """The scheduler's connection, once the streams are made (by the gateway, the only
+    role that may make them all)."""
+    gateway = await _client(auth_nats, "gateway")
+    try:
+        await bus.ensure_streams(gateway.jetstream(), auth_nats.settings("gateway"))
+    finally:
+        await gateway.close()
     nc = await _client(auth_nats, "scheduler")
-    await bus.ensure_streams(nc.jetstream(), auth_nats.settings("scheduler"))
     yield nc
     await nc.close()
 
@@ -227,6 +233,13 @@ async def test_runner_may_not_publish_events_nor_read_the_events_stream(
         assert f"consumer.create.{s.events_stream}".lower() in await errors.expect("publish")
         with pytest.raises((asyncio.TimeoutError, nats.errors.TimeoutError, JetStreamError)):
             await js.get_msg(s.submit_stream, 1)
+        # Nor make a stream numbered by Postgres (only the gateway does, after its check).
+        events = next(
+            c for c in bus.stream_configs(auth_nats.settings("runner")) if c.name == s.events_stream
+        )
+        with pytest.raises((asyncio.TimeoutError, nats.errors.TimeoutError)):
+            await asyncio.wait_for(js.add_stream(events), 1)
+        await errors.expect(f"publish to \"$js.api.stream.create.{s.events_stream}\"")
         # What a runner needs still works: its log stream.
         ack = await js.publish(s.log(1), b"{}")
         assert ack.stream == s.logs_stream

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import nats
 import pytest
+from nats.js.errors import NotFoundError
 
 from services.common import bus
 from services.common.config import Settings
@@ -126,6 +127,64 @@ async def test_after_a_lost_store_numbering_goes_on_and_the_lost_job_ends(
         # The new job's events were ingested past the old watermark.
         assert (await http.get("/api/jobs")).json()["watermark"] > watermark
     assert "NATS stream behind Postgres" in stack.logs("gateway")
+
+
+@pytest.mark.timeout(180)
+async def test_a_store_lost_under_running_services_stops_them_and_numbering_goes_on(
+    settings: Settings, stack: Stack, nats_server: EmbeddedNats | None
+) -> None:
+    """The store goes while every service runs. Each stops (gateway and scheduler with
+    exit code 75, the runner on its lost heartbeat) for a supervisor to start again, and
+    until a gateway has checked the new streams against Postgres nobody makes them: a
+    scheduler and a runner started first wait, so no job takes an old build ID."""
+    assert nats_server is not None, "this test wipes its own nats-server's store"
+    await stack.start_all()
+    async with httpx.AsyncClient(base_url=stack.url, headers=auth_headers(settings)) as http:
+        done = (await http.post("/api/jobs", json=_job())).json()["build_id"]
+        before = await _final(http, done)
+        assert before["status"] == "SUCCESS"
+
+    nats_server.stop()
+    await asyncio.to_thread(shutil.rmtree, nats_server.store_dir)
+    await asyncio.to_thread(nats_server.start)
+
+    async def all_exited() -> bool:
+        return all(proc.poll() is not None for proc in stack.procs.values())
+
+    await eventually(all_exited, timeout=60)
+    codes = {name: proc.returncode for name, proc in stack.procs.items()}
+    assert codes["gateway"] == codes["scheduler"] == bus.STORE_LOST_EXIT, codes
+    assert codes["runner-1"] != 0
+    assert "NATS lost its store" in stack.logs("gateway")
+    assert "NATS lost its store" in stack.logs("scheduler")
+
+    # Started again before any gateway: they wait for it, and make none of its streams.
+    await stack.start_scheduler("scheduler-again")
+    await stack.start_runner("runner-again")
+
+    async def both_waiting() -> bool:
+        waiting = "waiting for a gateway to make"
+        return all(waiting in stack.logs(name) for name in ("scheduler-again", "runner-again"))
+
+    await eventually(both_waiting, timeout=60)
+    nc = await nats.connect(settings.nats_url)
+    try:
+        for stream in bus.numbered_by_postgres(settings):
+            with pytest.raises(NotFoundError):
+                await nc.jetstream().stream_info(stream)
+    finally:
+        await nc.close()
+
+    await stack.start_gateway("gateway-again")
+    async with httpx.AsyncClient(base_url=stack.url, headers=auth_headers(settings)) as http:
+        r = await http.post("/api/jobs", json=_job())
+        assert r.status_code == 202, r.text
+        new = r.json()["build_id"]
+        assert new == done + 1  # not 1: the gateway numbered on before taking it
+        after = await _final(http, new)
+        assert after["status"] == "SUCCESS" and "hello" in after["log"]["data"].lower()
+        again = await _final(http, done)
+        assert (again["status"], again["log"]) == (before["status"], before["log"])
 
 
 async def test_a_stream_behind_postgres_that_holds_messages_is_left_alone(

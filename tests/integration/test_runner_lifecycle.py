@@ -37,6 +37,7 @@ from tests.integration.test_runner_jobs import (  # the fake scheduler and its f
     unique_org,
 )
 from tests.stack import Stack
+from tests.support import gateway_streams
 
 __all__ = ["modules_dir", "nc", "rsettings", "runner_logs_on", "sched"]
 
@@ -200,6 +201,7 @@ async def test_lost_heartbeat_stops_the_runner_loudly(
     if nats_server is None:
         pytest.fail("this test stops its own nats-server; unset XOOGIFY_TEST_NATS_URL")
     fast = replace(settings, heartbeat_s=0.3, modules_dir=modules_dir)
+    await gateway_streams(fast)
     service = RunnerService(fast, "amd64", ["script"], {}, "runner-h", drain_timeout_s=1)
     task = asyncio.create_task(service.serve())
     await asyncio.wait_for(service.ready.wait(), TIMEOUT)

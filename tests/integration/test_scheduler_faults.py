@@ -20,7 +20,7 @@ from services.common.config import Settings
 from services.common.embedded import free_port
 from tests.integration.test_scheduler_life import FakeRunner, Harness, make_harness, submission
 from tests.stack import settings_env
-from tests.support import eventually
+from tests.support import eventually, gateway_streams
 
 
 @pytest.fixture
@@ -103,6 +103,7 @@ async def test_process_serves_metrics_and_stops_on_sigterm(
     settings: Settings, tmp_path: Path
 ) -> None:
     port = free_port()
+    await gateway_streams(settings)
     log_path = tmp_path / "scheduler.log"
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(
