@@ -239,7 +239,7 @@ async def test_runner_may_not_publish_events_nor_read_the_events_stream(
         )
         with pytest.raises((asyncio.TimeoutError, nats.errors.TimeoutError)):
             await asyncio.wait_for(js.add_stream(events), 1)
-        await errors.expect(f"publish to \"$js.api.stream.create.{s.events_stream}\"")
+        await errors.expect(f'publish to "$js.api.stream.create.{s.events_stream}"')
         # What a runner needs still works: its log stream.
         ack = await js.publish(s.log(1), b"{}")
         assert ack.stream == s.logs_stream
