@@ -17,7 +17,7 @@ import httpx
 import nats
 import pytest
 from nats.aio.client import Client
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy, StreamInfo
 from nats.js.errors import Error as JetStreamError
 
 from services.common import bus, nats_auth
@@ -133,8 +133,13 @@ async def test_subscriber_reads_its_organization_live_and_from_a_sequence(
         got = [(await live.next_msg(timeout=5)).subject for _ in range(2)]
         assert got == [s.event("acme", "stg", 1), s.event("acme", "stg", 3)]
 
-        # Its copy of the stream numbers events as the services' stream does.
-        info = await sub.jetstream().stream_info(s.events_stream)
+        # Its copy of the stream numbers events as the services' stream does (once the
+        # copy, sourced in the background, has them: live delivery may come first).
+        async def copied() -> StreamInfo | None:
+            info = await sub.jetstream().stream_info(s.events_stream)
+            return info if info.state.last_seq >= 3 else None
+
+        info = await eventually(copied, timeout=10)
         assert (info.state.first_seq, info.state.last_seq) == (1, 3)
 
         # Resume from the second acme event's sequence with an ordered consumer.
