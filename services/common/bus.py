@@ -174,12 +174,6 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
     return configs
 
 
-def numbered_by_postgres(settings: Settings) -> tuple[str, str, str]:
-    """The streams only the gateway makes (the module's docstring says why)."""
-    s = settings.subjects
-    return (s.submit_stream, s.events_stream, s.logs_stream)
-
-
 class StreamsMissing(NatsError):
     """A stream this service uses but may not make does not exist yet."""
 
@@ -192,8 +186,8 @@ async def ensure_streams(
     StreamsMissing while one of `waits_for` does not exist (`until_done` retries)."""
     configs = stream_configs(settings)
     if waits_for is not None:
-        gateways = numbered_by_postgres(settings)
-        configs = [c for c in configs if c.name not in gateways]
+        gateway_only = settings.subjects.numbered_by_postgres
+        configs = [c for c in configs if c.name not in gateway_only]
     for config in configs:
         try:
             await js.add_stream(config)

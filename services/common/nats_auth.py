@@ -147,7 +147,7 @@ def _main_streams(s: Subjects) -> list[str]:
 
 def _work_streams(s: Subjects) -> list[str]:
     """The streams any service may make; the others only the gateway (bus.ensure_streams)."""
-    return [s.dispatch_stream, s.reports_stream]
+    return [name for name in _main_streams(s) if name not in s.numbered_by_postgres]
 
 
 # --- roles ----------------------------------------------------------------------------------

@@ -38,6 +38,12 @@ class Subjects:
     def reports_stream(self) -> str:
         return f"{self._stream_prefix}_REPORTS"
 
+    @property
+    def numbered_by_postgres(self) -> tuple[str, str, str]:
+        """The streams whose sequences Postgres records (build IDs, watermarks): only the
+        gateway makes them (services/common/bus.py says why)."""
+        return (self.submit_stream, self.events_stream, self.logs_stream)
+
     # --- KV buckets --------------------------------------------------------------------
     @property
     def runners_bucket(self) -> str:

@@ -169,7 +169,7 @@ async def test_a_store_lost_under_running_services_stops_them_and_numbering_goes
     await eventually(both_waiting, timeout=60)
     nc = await nats.connect(settings.nats_url)
     try:
-        for stream in bus.numbered_by_postgres(settings):
+        for stream in settings.subjects.numbered_by_postgres:
             with pytest.raises(NotFoundError):
                 await nc.jetstream().stream_info(stream)
     finally:
