@@ -212,19 +212,23 @@ async def ensure_streams(
             await wait_stream_leader(js, name)
 
 
-async def first_missing(js: JetStreamContext, names: tuple[str, ...], every_s: float) -> str:
-    """Poll until one of the streams `names` is gone (NATS answered that it does not
-    exist: not merely away or electing a leader); return its name. For a service that
-    outlives a NATS that lost its store: it must start again (and the gateway check the
-    new streams against Postgres) rather than go on with streams and buckets that no
-    longer exist, or that a restarted service made anew."""
+async def until_store_lost(js: JetStreamContext, names: tuple[str, ...]) -> None:
+    """Return (having said so) once one of the streams `names` is gone: NATS answered that
+    it does not exist, it is not merely away or electing a leader. For a service that
+    outlives a NATS that lost its store: it must stop with STORE_LOST_EXIT and start again
+    (the gateway then checks the new streams against Postgres) rather than go on with
+    streams and buckets that no longer exist, or that a restarted service made anew."""
     while True:
-        await asyncio.sleep(every_s)
+        await asyncio.sleep(STORE_CHECK_S)
         for name in names:
             try:
                 await js.stream_info(name)
             except NotFoundError:
-                return name
+                log.critical(
+                    "NATS lost its store: stopping, to be started again",
+                    extra={"stream": name, "exit_code": STORE_LOST_EXIT},
+                )
+                return
             except (NatsError, TimeoutError, OSError):
                 pass  # away or failing over: not a loss
 

@@ -170,11 +170,7 @@ async def _watch_store(app: Starlette, js: JetStreamContext, settings: Settings)
     (NATS lost its store under this gateway): started again, the gateway checks the new
     streams against Postgres before it takes a submission. Until then nobody makes them
     (bus.ensure_streams), so no submission gets an old job's build ID meanwhile."""
-    name = await bus.first_missing(js, settings.subjects.numbered_by_postgres, bus.STORE_CHECK_S)
-    log.critical(
-        "NATS lost its store: stopping, to be started again",
-        extra={"stream": name, "exit_code": bus.STORE_LOST_EXIT},
-    )
+    await bus.until_store_lost(js, settings.subjects.numbered_by_postgres)
     app.state.exit_code = bus.STORE_LOST_EXIT
     app.state.stop_serving()
 

@@ -571,7 +571,7 @@ async def run(
         )
     log.info("scheduler standby", extra={"holder": lease.holder, "lease_ttl_s": ttl})
     own = (f"KV_{s.sched_bucket}", f"KV_{s.leader_bucket}")
-    lost = asyncio.create_task(bus.first_missing(js, own, bus.STORE_CHECK_S), name="store")
+    lost = asyncio.create_task(bus.until_store_lost(js, own), name="store")
     lost.add_done_callback(lambda _task: stop.set())
     try:
         while await lease.acquire(stop):
@@ -585,6 +585,7 @@ async def run(
                 break
             log.warning("scheduler lease lost; standby", extra={"holder": lease.holder})
     finally:
+        store_lost = lost.done()
         lost.cancel()
         LEADER.set(0)
         await scheduler.stand_down()
@@ -592,16 +593,9 @@ async def run(
         await scheduler.stop()
         if server is not None:
             server.close()
-    gone = None
     with contextlib.suppress(asyncio.CancelledError):
-        gone = await lost
-    if gone is None:
-        return 0
-    log.critical(
-        "NATS lost its store: stopped, to be started again",
-        extra={"stream": gone, "exit_code": bus.STORE_LOST_EXIT},
-    )
-    return bus.STORE_LOST_EXIT
+        await lost
+    return bus.STORE_LOST_EXIT if store_lost else 0
 
 
 async def _lead(scheduler: Scheduler, lease: Lease, stop: asyncio.Event) -> None:
